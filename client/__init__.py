@@ -1,0 +1,90 @@
+"""dbsidecar's ActiveRecord client: models become query plans posted to the sidecar.
+
+The client never holds a database connection and depends only on aiohttp and
+msgspec, so it is cheap to import in any service.
+"""
+
+from . import ids
+from .connection import ConnectionManager, Database
+from .errors import (
+    DatabaseError,
+    DbSidecarError,
+    ForeignKeyViolation,
+    IntegrityError,
+    PlanError,
+    RecordNotFound,
+    ShardKeyRequired,
+    SidecarUnreachable,
+    SplitBrain,
+    Timeout,
+    Unauthorized,
+    Unavailable,
+    UniqueViolation,
+    UnknownDatabase,
+    ValidationError,
+    WriteOutcomeUnknown,
+)
+from .expressions import Avg, Count, Max, Min, Sum
+from .fields import (
+    BooleanField,
+    BytesField,
+    DateField,
+    DecimalField,
+    Field,
+    FloatField,
+    IntegerField,
+    JSONField,
+    PrimaryKeyField,
+    StringField,
+    TextField,
+    TimeField,
+    TimestampField,
+    UUIDField,
+)
+from .model import ActiveRecord
+from .query import Query
+from .results import Rows
+
+__all__ = [
+    "ActiveRecord",
+    "Avg",
+    "BooleanField",
+    "BytesField",
+    "ConnectionManager",
+    "Count",
+    "Database",
+    "DatabaseError",
+    "DateField",
+    "DbSidecarError",
+    "DecimalField",
+    "Field",
+    "FloatField",
+    "ForeignKeyViolation",
+    "IntegerField",
+    "IntegrityError",
+    "JSONField",
+    "Max",
+    "Min",
+    "PlanError",
+    "PrimaryKeyField",
+    "Query",
+    "RecordNotFound",
+    "Rows",
+    "ShardKeyRequired",
+    "SidecarUnreachable",
+    "SplitBrain",
+    "StringField",
+    "Sum",
+    "TextField",
+    "TimeField",
+    "Timeout",
+    "TimestampField",
+    "UUIDField",
+    "Unauthorized",
+    "Unavailable",
+    "UniqueViolation",
+    "UnknownDatabase",
+    "ValidationError",
+    "WriteOutcomeUnknown",
+    "ids",
+]

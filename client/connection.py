@@ -1,0 +1,175 @@
+"""Named sidecar handles: which sidecar, which logical database, which consistency.
+
+``ConnectionManager.configure({'default': {'sidecar': 'http://127.0.0.1:7432',
+'database': 'orders'}})`` names handles; ``ConnectionManager.get(name)`` returns
+one for ``using()``. A handle keeps the newest write token of its database and
+sends it with reads (session consistency: a service reads its own writes even
+from replicas), unless configured with ``consistency='eventual'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from typing import Any, ClassVar, Literal
+
+import msgspec
+
+from .consistency import merge_tokens
+from .errors import DbSidecarError
+from .protocol import Batch, BatchResult, Plan, Result, plan_writes
+from .transport import Transport
+
+DEFAULT_URL = "http://127.0.0.1:7432"
+_result = msgspec.json.Decoder(Result)
+_batch_result = msgspec.json.Decoder(BatchResult)
+
+
+class Database:
+    """A handle: one logical database behind one sidecar."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        transport: Transport,
+        database: str,
+        consistency: Literal["session", "eventual"] = "session",
+        read_retries: int = 3,
+    ) -> None:
+        if consistency not in ("session", "eventual"):
+            raise ValueError("consistency is 'session' or 'eventual'")
+        self.name = name
+        self.transport = transport
+        self.database = database
+        self.consistency = consistency
+        self.read_retries = read_retries
+        # The newest write token seen through this handle (read-your-writes).
+        self.token: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Database {self.name!r} {self.database!r} via {self.transport.url}>"
+
+    def _observe(self, lsn: str | None) -> None:
+        if lsn and self.consistency == "session":
+            self.token = merge_tokens(self.token, lsn)
+
+    async def run(self, plan: Plan) -> Result:
+        """Run one plan. Reads are retried on retryable errors; writes never are."""
+        writes = plan_writes(plan)
+        if not writes and self.token and plan.route.after is None:
+            plan.route.after = self.token
+        body = msgspec.json.encode(plan)
+        attempt = 0
+        while True:
+            try:
+                result = await self.transport.request("POST", "/v1/query", body, _result)
+                break
+            except DbSidecarError as exc:
+                if writes or not exc.retryable or attempt >= self.read_retries:
+                    raise
+                # Capped exponential backoff with full jitter.
+                await asyncio.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))
+                attempt += 1
+        self._observe(result.lsn)
+        return result
+
+    async def batch(self, plans: list[Plan]) -> BatchResult:
+        """Plans in one transaction: all succeed or none does."""
+        body = msgspec.json.encode(Batch(plans))
+        result = await self.transport.request("POST", "/v1/batch", body, _batch_result)
+        self._observe(result.lsn)
+        return result
+
+    def derive(self, database: str) -> Database:
+        """The same sidecar and settings for another logical database (or shard)."""
+        return ConnectionManager.handle_for(self, database)
+
+
+class ConnectionManager:
+    """The process-wide registry of handles."""
+
+    _config: ClassVar[dict[str, dict[str, Any]]] = {}
+    _handles: ClassVar[dict[str, Database]] = {}
+    _transports: ClassVar[dict[tuple[str, str | None], Transport]] = {}
+    _derived: ClassVar[dict[tuple[int, str], Database]] = {}
+
+    @classmethod
+    def configure(cls, config: dict[str, dict[str, Any]]) -> None:
+        """Name handles: ``{name: {sidecar, database, token?, timeout?, consistency?}}``."""
+        for name, entry in config.items():
+            unknown = set(entry) - {"sidecar", "database", "token", "timeout", "consistency"}
+            if unknown:
+                raise ValueError(f"handle {name!r}: unknown settings {sorted(unknown)}")
+            if "database" not in entry:
+                raise ValueError(f"handle {name!r} needs a 'database'")
+        cls._config = {**cls._config, **config}
+        for name in config:
+            cls._handles.pop(name, None)
+
+    @classmethod
+    def _transport(cls, url: str, token: str | None, timeout: float) -> Transport:
+        key = (url, token)
+        if key not in cls._transports:
+            cls._transports[key] = Transport(url, token=token, timeout=timeout)
+        return cls._transports[key]
+
+    @classmethod
+    def get(cls, name: str = "default") -> Database:
+        handle = cls._handles.get(name)
+        if handle is not None:
+            return handle
+        entry = cls._config.get(name)
+        if entry is None:
+            if name == "default":
+                raise LookupError(
+                    "no 'default' handle: call ConnectionManager.configure({'default': "
+                    "{'sidecar': 'http://127.0.0.1:7432', 'database': '...'}}) first"
+                )
+            raise LookupError(f"no handle named {name!r}; configured: {sorted(cls._config)}")
+        url = entry.get("sidecar") or os.environ.get("DBSIDECAR_URL") or DEFAULT_URL
+        token = entry.get("token") or os.environ.get("DBSIDECAR_TOKEN")
+        transport = cls._transport(url, token, float(entry.get("timeout", 60.0)))
+        handle = Database(
+            name,
+            transport=transport,
+            database=entry["database"],
+            consistency=entry.get("consistency", "session"),
+        )
+        cls._handles[name] = handle
+        return handle
+
+    @classmethod
+    def resolve(cls, target: str | Database | None) -> Database:
+        """A handle for ``using()``: a handle, a handle's name, or a logical database name."""
+        if isinstance(target, Database):
+            return target
+        if target is None:
+            return cls.get("default")
+        if target in cls._config:
+            return cls.get(target)
+        return cls.handle_for(cls.get("default"), target)
+
+    @classmethod
+    def handle_for(cls, base: Database, database: str) -> Database:
+        if database == base.database:
+            return base
+        key = (id(base), database)
+        handle = cls._derived.get(key)
+        if handle is None:
+            handle = Database(
+                database, transport=base.transport, database=database, consistency=base.consistency
+            )
+            cls._derived[key] = handle
+        return handle
+
+    @classmethod
+    async def close_all(cls) -> None:
+        for transport in cls._transports.values():
+            await transport.close()
+
+    @classmethod
+    def reset(cls) -> None:
+        """Forget every handle (tests, reconfiguration)."""
+        cls._config, cls._handles, cls._transports, cls._derived = {}, {}, {}, {}

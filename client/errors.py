@@ -1,0 +1,125 @@
+"""Exceptions a service sees; each sidecar error code maps to one class."""
+
+from __future__ import annotations
+
+from client.protocol import ErrorBody
+
+
+class DbSidecarError(Exception):
+    """Base class: ``code``, ``retryable`` and (for database errors) ``sqlstate``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "error",
+        status: int | None = None,
+        retryable: bool = False,
+        sqlstate: str | None = None,
+        index: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+        self.retryable = retryable
+        self.sqlstate = sqlstate
+        # In a batch: the plan that failed.
+        self.index = index
+
+
+class PlanError(DbSidecarError):
+    """The sidecar refused the plan (400/422): fix the call, retrying will not help."""
+
+
+class ShardKeyRequired(PlanError):
+    """A write on a sharded database without its shard key (use all_shards() to mean it)."""
+
+
+class ValidationError(PlanError):
+    """A value that does not fit its field, caught before anything was sent."""
+
+
+class RecordNotFound(DbSidecarError):
+    """one() found no row."""
+
+
+class Unauthorized(DbSidecarError):
+    pass
+
+
+class UnknownDatabase(DbSidecarError):
+    pass
+
+
+class IntegrityError(DbSidecarError):
+    """A constraint refused the write."""
+
+
+class UniqueViolation(IntegrityError):
+    pass
+
+
+class ForeignKeyViolation(IntegrityError):
+    pass
+
+
+class DatabaseError(DbSidecarError):
+    """Any other error PostgreSQL raised (see ``sqlstate``)."""
+
+
+class Unavailable(DbSidecarError):
+    """No node could serve the plan right now (503); ``retryable`` says if trying again helps."""
+
+
+class SidecarUnreachable(Unavailable):
+    """The sidecar itself did not answer (not started, or gone)."""
+
+
+class WriteOutcomeUnknown(Unavailable):
+    """The connection failed during a write: it may or may not have committed."""
+
+
+class SplitBrain(Unavailable):
+    pass
+
+
+class Timeout(DbSidecarError):
+    """A statement or the sidecar took too long (504)."""
+
+
+_BY_CODE: dict[str, type[DbSidecarError]] = {
+    "unique_violation": UniqueViolation,
+    "foreign_key_violation": ForeignKeyViolation,
+    "shard_key_required": ShardKeyRequired,
+    "write_outcome_unknown": WriteOutcomeUnknown,
+    "split_brain": SplitBrain,
+    "unauthorized": Unauthorized,
+    "unknown_database": UnknownDatabase,
+}
+_BY_STATUS: dict[int, type[DbSidecarError]] = {
+    400: PlanError,
+    401: Unauthorized,
+    404: PlanError,
+    409: IntegrityError,
+    413: PlanError,
+    422: PlanError,
+    503: Unavailable,
+    504: Timeout,
+}
+
+
+def from_error_body(body: ErrorBody, status: int) -> DbSidecarError:
+    cls = _BY_CODE.get(body.code) or _BY_STATUS.get(status, DatabaseError)
+    if cls is IntegrityError and body.sqlstate and not body.sqlstate.startswith("23"):
+        cls = DatabaseError
+    if status == 404 and body.code == "undefined_table":
+        cls = DatabaseError
+    return cls(
+        body.message,
+        code=body.code,
+        status=status,
+        retryable=body.retryable,
+        sqlstate=body.sqlstate,
+        index=body.index,
+    )

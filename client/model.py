@@ -1,0 +1,257 @@
+"""The ActiveRecord base class.
+
+A model class names its table and fields; instances save, update and delete
+themselves through the sidecar and remember which handle they came from, so
+a record read with ``using('user_shard_2')`` is written back there too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any, ClassVar, Self
+
+from .connection import ConnectionManager, Database
+from .errors import DbSidecarError, RecordNotFound
+from .fields import Field, PrimaryKeyField, TimestampField, UUIDField
+from .protocol import Delete, Insert, Raw, Route, ServedBy, Update
+from .query import Query
+from .results import Rows, decode
+from .values import encode_value
+
+
+class ActiveRecord:
+    __tablename__: ClassVar[str]
+    # A handle name or logical database; default: the 'default' handle.
+    __database__: ClassVar[str | None] = None
+    _fields: ClassVar[dict[str, Field]] = {}
+    _pk: ClassVar[Field | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        fields: dict[str, Field] = {}
+        for klass in reversed(cls.__mro__):
+            for name, value in vars(klass).items():
+                if isinstance(value, Field):
+                    fields[name] = value
+        cls._fields = fields
+        cls._pk = next((f for f in fields.values() if f.primary_key), None)
+        if "__tablename__" not in cls.__dict__ and fields:
+            cls.__tablename__ = cls.__name__.lower() + "s"
+
+    def __init__(self, **values: Any) -> None:
+        self._dirty: set[str] = set()
+        self._persisted = False
+        self._db: Database | None = None
+        self._served_by: list[ServedBy] = []
+        unknown = set(values) - set(self._fields)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no fields {sorted(unknown)}")
+        for name, field in self._fields.items():
+            self.__dict__[name] = values[name] if name in values else field.initial()
+        self._dirty = set(values)
+
+    def __repr__(self) -> str:
+        pk = self._pk.name if self._pk else None
+        return f"<{type(self).__name__} {pk}={self.__dict__.get(pk) if pk else None}>"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.to_dict() == other.to_dict()  # type: ignore[union-attr]
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # Class-level helpers
+    @classmethod
+    def _field(cls, name: str) -> Field:
+        try:
+            return cls._fields[name]
+        except KeyError:
+            raise AttributeError(f"{cls.__name__} has no field {name!r}") from None
+
+    @classmethod
+    def _wire(cls, name: str, value: Any) -> Any:
+        field = cls._field(name)
+        return field.to_wire(field.check(value))
+
+    @classmethod
+    def _handle(cls, target: str | Database | None = None) -> Database:
+        return ConnectionManager.resolve(target if target is not None else cls.__database__)
+
+    @classmethod
+    def _pk_field(cls) -> Field:
+        if cls._pk is None:
+            raise TypeError(f"{cls.__name__} has no primary key field")
+        return cls._pk
+
+    @classmethod
+    def _from_row(cls, row: dict[str, Any], db: Database, served_by: list[ServedBy]) -> Self:
+        obj = cls.__new__(cls)
+        by_column = {f.column: f.name for f in cls._fields.values()}
+        obj.__dict__.update({by_column.get(k, k): v for k, v in row.items()})
+        obj._dirty, obj._persisted, obj._db, obj._served_by = set(), True, db, served_by
+        return obj
+
+    # Queries
+    @classmethod
+    def find(cls) -> Query[Self]:
+        return Query(cls)
+
+    @classmethod
+    def find_by_id(cls, id_: Any) -> Query[Self]:
+        return Query(cls).where(cls._pk_field() == id_)
+
+    @classmethod
+    async def get(cls, id_: Any, using: str | Database | None = None) -> Self:
+        query = cls.find_by_id(id_)
+        return await (query.using(using) if using is not None else query).one()
+
+    @classmethod
+    async def create(cls, using: str | Database | None = None, **values: Any) -> Self:
+        return await cls(**values).save(using=using)
+
+    @classmethod
+    async def insert_many(
+        cls, records: list[Self], using: str | Database | None = None
+    ) -> list[Self]:
+        """Insert several records in one plan (one statement, or one per shard)."""
+        if not records:
+            return []
+        db = cls._handle(using)
+        rows = [r._insert_row() for r in records]
+        keys = set(rows[0])
+        for row in rows:
+            keys |= set(row)
+        # Every row of one insert names the same columns; missing ones stay None.
+        rows = [{k: row.get(k) for k in sorted(keys)} for row in rows]
+        plan = Insert(database=db.database, table=cls.__tablename__, rows=rows, returning=["*"])
+        result = decode(await db.run(plan))
+        for record, row in zip(records, result, strict=True):
+            record._loaded(row, db, result.served_by)
+        return records
+
+    @classmethod
+    async def execute_raw(
+        cls,
+        sql: str,
+        *params: Any,
+        writes: bool = True,
+        using: str | Database | None = None,
+        replica: bool = False,
+    ) -> Rows:
+        """SQL text with $1.. parameters; say ``writes=False`` for a read (it then runs
+        read-only, and ``replica=True`` may send it to a replica)."""
+        db = cls._handle(using)
+        plan = Raw(
+            database=db.database,
+            sql=sql,
+            params=[encode_value(p) for p in params],
+            writes=writes,
+            route=Route(role="replica" if replica else None),
+        )
+        return decode(await db.run(plan))
+
+    # Instance operations
+    @property
+    def served_by(self) -> list[ServedBy]:
+        """Which node(s) served the read or write that produced this record."""
+        return self._served_by
+
+    @property
+    def persisted(self) -> bool:
+        return self._persisted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: self.__dict__.get(name) for name in self._fields}
+
+    def _insert_row(self) -> dict[str, Any]:
+        now = dt.datetime.now(dt.UTC)
+        row: dict[str, Any] = {}
+        for name, field in self._fields.items():
+            value = self.__dict__.get(name)
+            if value is None:
+                if isinstance(field, PrimaryKeyField) and field.generator is not None:
+                    value = self.__dict__[name] = field.generator()
+                elif isinstance(field, TimestampField) and (field.auto_now_add or field.auto_now):
+                    value = self.__dict__[name] = now
+                elif isinstance(field, UUIDField) and field.auto:
+                    value = self.__dict__[name] = uuid.uuid4()
+                elif field.primary_key or name not in self._dirty:
+                    # Let the database fill it (serial key, column default).
+                    continue
+            row[field.column] = field.to_wire(field.check(value))
+        return row
+
+    def _loaded(self, row: dict[str, Any], db: Database, served_by: list[ServedBy]) -> None:
+        by_column = {f.column: f.name for f in self._fields.values()}
+        for column, value in row.items():
+            self.__dict__[by_column.get(column, column)] = value
+        self._dirty, self._persisted, self._db, self._served_by = set(), True, db, served_by
+
+    def _pk_condition(self) -> dict[str, Any]:
+        pk = self._pk_field()
+        value = self.__dict__.get(pk.name)
+        if value is None:
+            raise DbSidecarError(
+                f"{type(self).__name__} has no {pk.name} yet", code="no_primary_key"
+            )
+        return {"col": pk.column, "op": "=", "value": pk.to_wire(value)}
+
+    async def save(self, using: str | Database | None = None) -> Self:
+        """Insert a new record (filling generated columns) or update changed fields."""
+        db = self._db if using is None and self._db is not None else self._handle(using)
+        if not self._persisted:
+            plan: Insert | Update = Insert(
+                database=db.database,
+                table=self.__tablename__,
+                rows=[self._insert_row()],
+                returning=["*"],
+            )
+        else:
+            for field in self._fields.values():
+                if isinstance(field, TimestampField) and field.auto_now:
+                    self.__dict__[field.name] = dt.datetime.now(dt.UTC)
+                    self._dirty.add(field.name)
+            if not self._dirty:
+                return self
+            values = {
+                self._fields[n].column: self._wire(n, self.__dict__.get(n))
+                for n in sorted(self._dirty)
+            }
+            plan = Update(
+                database=db.database,
+                table=self.__tablename__,
+                values=values,
+                where=self._pk_condition(),
+                returning=["*"],
+            )
+        result = decode(await db.run(plan))
+        if not result:
+            raise RecordNotFound(f"{self!r} no longer exists", code="not_found")
+        self._loaded(result[0], db, result.served_by)
+        return self
+
+    async def update(self, **values: Any) -> Self:
+        """Set fields and save them: ``await order.update(status='paid')``."""
+        for name, value in values.items():
+            self._field(name)
+            setattr(self, name, value)
+        return await self.save()
+
+    async def delete(self) -> None:
+        db = self._db or self._handle()
+        plan = Delete(database=db.database, table=self.__tablename__, where=self._pk_condition())
+        await db.run(plan)
+        self._persisted = False
+
+    async def reload(self) -> Self:
+        """Read the record again from the primary."""
+        db = self._db or self._handle()
+        fresh = (
+            await type(self)
+            .find_by_id(self.__dict__[self._pk_field().name])
+            .using(db)
+            .using_primary()
+            .one()
+        )
+        self._loaded(fresh.to_dict(), db, fresh.served_by)
+        return self

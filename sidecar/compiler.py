@@ -1,0 +1,259 @@
+"""Plans to SQL text and bind parameters, with a cache keyed by the plan's shape.
+
+A shape is a plan without its values: repeated shapes (the common case, since
+limits, offsets and IN lists are parameters too) cost one walk of the plan to
+collect values and a dict lookup, no SQL building.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from client.protocol import (
+    AggregateQuery,
+    Count,
+    Delete,
+    Insert,
+    Plan,
+    Raw,
+    Select,
+    Update,
+)
+
+from . import plancheck
+from .errors import bad_plan
+from .plancheck import Shape, column, table
+
+# PostgreSQL's limit on bind parameters in one statement.
+MAX_PARAMS = 32767
+
+_SQL_OPS = {"=": "=", "!=": "<>", "<": "<", "<=": "<=", ">": ">", ">=": ">=",
+            "like": "LIKE", "ilike": "ILIKE"}  # fmt: skip
+
+
+@dataclass(slots=True)
+class Statement:
+    """Cached SQL for one shape; ``kinds`` (result column kinds) is learnt on first run."""
+
+    sql: str
+    returns_rows: bool
+    kinds: list[str | None] | None = None
+    columns: list[str] | None = None
+
+
+@dataclass(slots=True)
+class Compiled:
+    statement: Statement
+    params: list[Any]
+
+
+@dataclass
+class Compiler:
+    max_where_depth: int = 32
+    max_entries: int = 10_000
+    hits: int = 0
+    misses: int = 0
+    _cache: dict[Shape, Statement] = field(default_factory=dict)
+
+    def compile(self, plan: Plan) -> Compiled:
+        if isinstance(plan, Raw):
+            # Raw SQL is the caller's own text: nothing to cache by shape.
+            return Compiled(Statement(plan.sql, True), [plancheck.value(p) for p in plan.params])
+        params: list[Any] = []
+        key = self._shape(plan, params)
+        if len(params) > MAX_PARAMS:
+            raise bad_plan(f"a plan may bind at most {MAX_PARAMS} values; split it")
+        stmt = self._cache.get(key)
+        if stmt is None:
+            self.misses += 1
+            stmt = _build(key)
+            if len(self._cache) >= self.max_entries:
+                del self._cache[next(iter(self._cache))]
+            self._cache[key] = stmt
+        else:
+            self.hits += 1
+        return Compiled(stmt, params)
+
+    def _where(self, where: dict[str, Any] | None, params: list[Any]) -> Shape | None:
+        if where is None:
+            return None
+        return plancheck.where_shape(where, params, self.max_where_depth)
+
+    def _shape(self, plan: Plan, params: list[Any]) -> Shape:
+        if isinstance(plan, Select):
+            where = self._where(plan.where, params)
+            _limits(plan.limit, plan.offset, params)
+            cols = tuple(plan.columns) if plan.columns is not None else None
+            order = tuple((o.col, o.desc) for o in plan.order_by)
+            return ("select", plan.table, cols, where, order, plan.limit is not None,
+                    plan.offset is not None)  # fmt: skip
+        if isinstance(plan, Count):
+            return ("count", plan.table, self._where(plan.where, params))
+        if isinstance(plan, AggregateQuery):
+            where = self._where(plan.where, params)
+            _limits(plan.limit, plan.offset, params)
+            aggs = tuple((a.fn, a.col, a.name) for a in plan.aggregates)
+            order = tuple((o.col, o.desc) for o in plan.order_by)
+            return ("aggregate", plan.table, aggs, tuple(plan.group_by), where, order,
+                    plan.limit is not None, plan.offset is not None)  # fmt: skip
+        if isinstance(plan, Insert):
+            if not plan.rows:
+                raise bad_plan("an insert needs at least one row")
+            cols = tuple(plan.rows[0])
+            for i, row in enumerate(plan.rows):
+                if tuple(row) != cols:
+                    raise bad_plan(
+                        f"row {i} has other columns than row 0; every row needs the same"
+                    )
+                params.extend(plancheck.value(v) for v in row.values())
+            if not cols and len(plan.rows) > 1:
+                raise bad_plan("several rows of only default values: insert them one by one")
+            returning = tuple(plan.returning) if plan.returning is not None else None
+            return ("insert", plan.table, cols, len(plan.rows), returning)
+        if isinstance(plan, Update):
+            if not plan.values:
+                raise bad_plan("an update needs at least one column in 'set'")
+            _require_where(plan.where, plan.all_rows, "update")
+            cols = tuple(plan.values)
+            params.extend(plancheck.value(v) for v in plan.values.values())
+            where = self._where(plan.where, params)
+            returning = tuple(plan.returning) if plan.returning is not None else None
+            return ("update", plan.table, cols, where, returning)
+        if isinstance(plan, Delete):
+            _require_where(plan.where, plan.all_rows, "delete")
+            where = self._where(plan.where, params)
+            returning = tuple(plan.returning) if plan.returning is not None else None
+            return ("delete", plan.table, where, returning)
+        raise bad_plan(f"unsupported plan {type(plan).__name__}")
+
+
+def _limits(limit: int | None, offset: int | None, params: list[Any]) -> None:
+    plancheck.non_negative("limit", limit)
+    plancheck.non_negative("offset", offset)
+    if limit is not None:
+        params.append(limit)
+    if offset is not None:
+        params.append(offset)
+
+
+def _require_where(where: dict[str, Any] | None, all_rows: bool, op: str) -> None:
+    if where is None and not all_rows:
+        raise bad_plan(
+            f"an {op} without a where clause touches every row; set all_rows to mean it",
+            "where_required",
+        )
+
+
+class _Numbers:
+    """Hands out $1, $2, ... in the order the shape walk collected the values."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def next(self) -> str:
+        self.n += 1
+        return f"${self.n}"
+
+
+def _where_sql(shape: Shape, num: _Numbers) -> str:
+    kind = shape[0]
+    if kind in ("and", "or"):
+        if not shape[1]:
+            return "TRUE" if kind == "and" else "FALSE"
+        joiner = " AND " if kind == "and" else " OR "
+        return "(" + joiner.join(_where_sql(s, num) for s in shape[1]) + ")"
+    if kind == "not":
+        return f"NOT ({_where_sql(shape[1], num)})"
+    col = column(shape[1])
+    if kind == "is_null":
+        return f"{col} IS NULL" if shape[2] else f"{col} IS NOT NULL"
+    if kind == "in":
+        return f"{col} = ANY({num.next()})"
+    if kind == "not_in":
+        return f"NOT ({col} = ANY({num.next()}))"
+    if kind == "between":
+        return f"{col} BETWEEN {num.next()} AND {num.next()}"
+    return f"{col} {_SQL_OPS[kind]} {num.next()}"
+
+
+def _where_clause(shape: Shape | None, num: _Numbers) -> str:
+    return "" if shape is None else " WHERE " + _where_sql(shape, num)
+
+
+def _order_clause(order: tuple[tuple[str, bool], ...]) -> str:
+    if not order:
+        return ""
+    return " ORDER BY " + ", ".join(column(c) + (" DESC" if d else "") for c, d in order)
+
+
+def _limit_clause(has_limit: bool, has_offset: bool, num: _Numbers) -> str:
+    sql = f" LIMIT {num.next()}" if has_limit else ""
+    return sql + (f" OFFSET {num.next()}" if has_offset else "")
+
+
+def _columns(cols: tuple[str, ...] | None) -> str:
+    return "*" if cols is None else ", ".join(column(c) for c in cols)
+
+
+def _returning(cols: tuple[str, ...] | None) -> str:
+    if cols is None:
+        return ""
+    return " RETURNING " + ("*" if cols == ("*",) else _columns(cols))
+
+
+def _build(key: Shape) -> Statement:
+    kind = key[0]
+    num = _Numbers()
+    if kind == "select":
+        _, tbl, cols, where, order, has_limit, has_offset = key
+        if cols == ():
+            raise bad_plan("select at least one column, or none to mean all")
+        sql = f"SELECT {_columns(cols)} FROM {table(tbl)}" + _where_clause(where, num)
+        sql += _order_clause(order) + _limit_clause(has_limit, has_offset, num)
+        return Statement(sql, True)
+    if kind == "count":
+        _, tbl, where = key
+        return Statement(
+            f"SELECT count(*) AS count FROM {table(tbl)}" + _where_clause(where, num), True
+        )
+    if kind == "aggregate":
+        _, tbl, aggs, group_by, where, order, has_limit, has_offset = key
+        if not aggs:
+            raise bad_plan("an aggregate plan needs at least one aggregate")
+        names = [name for _, _, name in aggs]
+        if len(set(names)) != len(names) or set(names) & set(group_by):
+            raise bad_plan("aggregate aliases must be unique and differ from group_by columns")
+        allowed = set(group_by) | set(names)
+        for col, _ in order:
+            if col not in allowed:
+                raise bad_plan(f"order_by {col!r} must be a group_by column or an aggregate alias")
+        parts = [column(g) for g in group_by]
+        for fn, col, name in aggs:
+            if col is None and fn != "count":
+                raise bad_plan(f"{fn} needs a column")
+            arg = "*" if col is None else column(col)
+            parts.append(f"{fn}({arg}) AS {column(name)}")
+        sql = f"SELECT {', '.join(parts)} FROM {table(tbl)}" + _where_clause(where, num)
+        if group_by:
+            sql += " GROUP BY " + ", ".join(column(g) for g in group_by)
+        sql += _order_clause(order) + _limit_clause(has_limit, has_offset, num)
+        return Statement(sql, True)
+    if kind == "insert":
+        _, tbl, cols, nrows, returning = key
+        if not cols:
+            sql = f"INSERT INTO {table(tbl)} DEFAULT VALUES"
+        else:
+            rows = ", ".join("(" + ", ".join(num.next() for _ in cols) + ")" for _ in range(nrows))
+            sql = f"INSERT INTO {table(tbl)} ({_columns(cols)}) VALUES {rows}"
+        return Statement(sql + _returning(returning), returning is not None)
+    if kind == "update":
+        _, tbl, cols, where, returning = key
+        sets = ", ".join(f"{column(c)} = {num.next()}" for c in cols)
+        sql = f"UPDATE {table(tbl)} SET {sets}" + _where_clause(where, num) + _returning(returning)
+        return Statement(sql, returning is not None)
+    if kind == "delete":
+        _, tbl, where, returning = key
+        sql = f"DELETE FROM {table(tbl)}" + _where_clause(where, num) + _returning(returning)
+        return Statement(sql, returning is not None)
+    raise AssertionError(f"unknown shape {kind}")

@@ -1,0 +1,268 @@
+"""Running a plan end to end: find the database, route, compile, execute, merge.
+
+This is the one place that knows how a sharded plan splits: a key-pinned plan
+runs on its shard, a read without a key fans out and merges, a write without a
+key is refused unless it explicitly targets every shard, and a multi-row insert
+is split per shard (one transaction per shard).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import msgspec
+
+from client.consistency import format_token, lsn_to_int, parse_token
+from client.protocol import (
+    ALL_SHARDS,
+    AggregateQuery,
+    BatchResult,
+    Count,
+    Insert,
+    Plan,
+    Raw,
+    Result,
+    Select,
+    plan_writes,
+)
+
+from . import merge, sharding
+from .compiler import Compiler
+from .errors import SidecarError, bad_plan
+from .executor import Outcome, execute, to_result
+from .router import Router
+from .settings import Settings
+from .topology import Database, Shard, Topology
+
+
+def _token(db: Database, outcomes: Sequence[Outcome]) -> str | None:
+    positions = {
+        (o.shard or "") if db.sharded else "": lsn_to_int(o.lsn) for o in outcomes if o.lsn
+    }
+    return format_token(positions) if positions else None
+
+
+def _after(db: Database, shard: Shard, token: str | None) -> int | None:
+    if not token:
+        return None
+    try:
+        positions = parse_token(token)
+    except ValueError:
+        raise bad_plan(f"route.after is not a consistency token: {token!r}", "bad_token") from None
+    return positions.get(shard.name or "" if db.sharded else "")
+
+
+class Dispatcher:
+    def __init__(self, topology: Topology, settings: Settings) -> None:
+        self.topology = topology
+        self.settings = settings
+        self.compiler = Compiler(max_where_depth=settings.limits.max_where_depth)
+        self.router = Router()
+
+    def database(self, name: str) -> tuple[Database, int | None]:
+        found = self.topology.lookup(name)
+        if found is None:
+            raise SidecarError(
+                404,
+                "unknown_database",
+                f"no database {name!r} is configured; known: {sorted(self.topology.databases)}",
+            )
+        return found
+
+    def _shards(self, db: Database, plan: Plan, pinned: int | None) -> list[Shard] | None:
+        """The shards a plan runs on (None: every shard, a scatter)."""
+        if not db.sharded:
+            if plan.route.shard not in (None, ALL_SHARDS, 0):
+                raise bad_plan(f"database {db.name!r} is not sharded", "not_sharded")
+            return [db.shards[0]]
+        if pinned is not None and plan.route.shard is None:
+            return [db.shards[pinned]]
+        assert db.shard_fn is not None
+        indexes = sharding.target_shards(plan, db.shard_fn, db.shard_names)
+        if indexes is None:
+            if plan_writes(plan) and plan.route.shard != ALL_SHARDS:
+                self.router.count(db, "refused")
+                raise bad_plan(
+                    f"a write on sharded {db.name!r} needs the shard key "
+                    f"{db.shard_fn.key!r} in its where clause, or route.shard '*' "
+                    "(all_shards()) to mean every shard",
+                    "shard_key_required",
+                )
+            return None
+        return [db.shards[i] for i in indexes]
+
+    async def run(self, plan: Plan) -> Result:
+        db, pinned = self.database(plan.database)
+        writes = plan_writes(plan)
+        if db.sharded and isinstance(plan, Insert):
+            return await self._sharded_insert(db, plan, pinned)
+        shards = self._shards(db, plan, pinned)
+        if shards is None:
+            shards = db.shards
+            if not writes:
+                self.router.count(db, "scatter")
+                return await self._scatter(db, plan)
+        outcomes = await asyncio.gather(*(self._on_shard(db, s, plan, writes) for s in shards))
+        flat = [o for group in outcomes for o in group]
+        if len(flat) == 1:
+            return to_result(flat[0], _token(db, flat))
+        return Result(
+            columns=flat[0].columns,
+            types=flat[0].kinds,
+            rows=[list(r) for o in flat for r in o.rows],
+            rowcount=sum(o.rowcount for o in flat),
+            lsn=_token(db, flat),
+            served_by=[o.served_by() for o in flat],
+        )
+
+    async def _on_shard(
+        self, db: Database, shard: Shard, plan: Plan, writes: bool, count: bool = True
+    ) -> list[Outcome]:
+        compiled = self.compiler.compile(plan)
+        if writes:
+            node, role = self.router.writer(db, shard), "primary"
+            if count:
+                self.router.count(db, "primary")
+        else:
+            replica = (plan.route.role or db.settings.read_default) == "replica"
+            choice = await self.router.choose(
+                db, shard, replica=replica, after=_after(db, shard, plan.route.after), count=count
+            )
+            node, role = choice.node, choice.role
+        return await execute(
+            node,
+            role,
+            shard.name,
+            [compiled],
+            writes=writes,
+            transaction=False,
+            readonly=isinstance(plan, Raw) and not writes,
+            acquire_timeout=db.settings.pool.acquire_timeout,
+        )
+
+    async def _gather(self, db: Database, plan: Plan) -> list[Outcome]:
+        groups = await asyncio.gather(
+            *(self._on_shard(db, s, plan, writes=False, count=False) for s in db.shards)
+        )
+        return [o for group in groups for o in group]
+
+    async def _scatter(self, db: Database, plan: Plan) -> Result:
+        served: list[Outcome]
+        if isinstance(plan, Select):
+            shard_plan, extra = merge.shard_select(plan)
+            served = await self._gather(db, shard_plan)
+            columns, rows = merge.merge_select(plan, served, extra)
+            kinds = served[0].kinds[: len(columns)]
+        elif isinstance(plan, Count):
+            served = await self._gather(db, plan)
+            columns, kinds = ["count"], [None]
+            rows = [(sum(o.rows[0][0] for o in served),)]
+        elif isinstance(plan, AggregateQuery):
+            served = await self._gather(db, merge.shard_aggregate(plan))
+            columns, kinds, rows = merge.merge_aggregate(plan, served)
+        else:
+            # A raw read on every shard: the rows of all shards, in shard order.
+            served = await self._gather(db, plan)
+            columns, kinds = served[0].columns, served[0].kinds
+            rows = [r for o in served for r in o.rows]
+        return Result(
+            columns=columns,
+            types=kinds,
+            rows=[list(r) for r in rows],
+            rowcount=len(rows),
+            served_by=[o.served_by() for o in served],
+        )
+
+    async def _sharded_insert(self, db: Database, plan: Insert, pinned: int | None) -> Result:
+        assert db.shard_fn is not None
+        groups = sharding.split_rows(plan, db.shard_fn)
+        if plan.route.shard is not None:
+            pinned = sharding.explicit_shard(plan.route.shard, db.shard_names)
+        if pinned is not None and set(groups) != {pinned}:
+            raise bad_plan(
+                f"rows whose {db.shard_fn.key!r} belongs to other shards cannot be inserted "
+                f"into {db.shards[pinned].name!r}",
+                "wrong_shard",
+            )
+        order = {id(row): i for i, row in enumerate(plan.rows)}
+        per_shard = [
+            (db.shards[i], msgspec.structs.replace(plan, rows=rows)) for i, rows in groups.items()
+        ]
+        results = await asyncio.gather(
+            *(self._on_shard(db, shard, sub, writes=True) for shard, sub in per_shard)
+        )
+        outcomes = [group[0] for group in results]
+        rows: list[list[object]] = []
+        if plan.returning is not None:
+            # Hand RETURNING rows back in the order the rows were given.
+            indexed = [
+                (order[id(src)], list(ret))
+                for (_, sub), outcome in zip(per_shard, outcomes, strict=True)
+                for src, ret in zip(sub.rows, outcome.rows, strict=True)
+            ]
+            rows = [r for _, r in sorted(indexed, key=lambda x: x[0])]
+        return Result(
+            columns=outcomes[0].columns,
+            types=outcomes[0].kinds,
+            rows=rows,
+            rowcount=sum(o.rowcount for o in outcomes),
+            lsn=_token(db, outcomes),
+            served_by=[o.served_by() for o in outcomes],
+        )
+
+    async def run_batch(self, plans: Sequence[Plan]) -> BatchResult:
+        """Plans on one database and shard, in one transaction on its primary."""
+        if not plans:
+            raise bad_plan("a batch needs at least one plan")
+        if len(plans) > self.settings.limits.max_batch_plans:
+            raise bad_plan(f"a batch holds at most {self.settings.limits.max_batch_plans} plans")
+        names = {p.database for p in plans}
+        resolved = {self.database(n) for n in names}
+        dbs = {id(db): db for db, _ in resolved}
+        if len(dbs) != 1:
+            raise bad_plan("a batch runs on one database: every plan must name the same one")
+        db = next(iter(dbs.values()))
+        shard = self._batch_shard(db, plans, {n: self.database(n)[1] for n in names})
+        node = self.router.writer(db, shard)
+        self.router.count(db, "primary")
+        compiled = []
+        for i, plan in enumerate(plans):
+            try:
+                compiled.append(self.compiler.compile(plan))
+            except SidecarError as exc:
+                exc.index = i
+                raise
+        outcomes = await execute(
+            node,
+            "primary",
+            shard.name,
+            compiled,
+            writes=True,
+            transaction=True,
+            acquire_timeout=db.settings.pool.acquire_timeout,
+        )
+        token = _token(db, outcomes[-1:])
+        return BatchResult(results=[to_result(o, token) for o in outcomes], lsn=token)
+
+    def _batch_shard(
+        self, db: Database, plans: Sequence[Plan], pinned: dict[str, int | None]
+    ) -> Shard:
+        if not db.sharded:
+            return db.shards[0]
+        chosen: set[int] = set()
+        for plan in plans:
+            shards = self._shards(db, plan, pinned[plan.database])
+            if shards is None:
+                raise bad_plan(
+                    "every plan in a batch on a sharded database must pin one shard",
+                    "cross_shard_batch",
+                )
+            chosen.update(s.index for s in shards)
+        if len(chosen) != 1:
+            raise bad_plan(
+                "a batch is one transaction on one shard; these plans touch shards "
+                f"{sorted(chosen)}",
+                "cross_shard_batch",
+            )
+        return db.shards[chosen.pop()]

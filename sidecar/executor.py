@@ -1,0 +1,181 @@
+"""Running compiled statements on a node's pool and shaping their results.
+
+Every write reads the primary's WAL position after it commits: that is the
+consistency token later reads pass back for read-your-writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from client.protocol import Result, ServedBy
+
+from .compiler import Compiled, Statement
+from .errors import SidecarError, from_exception, is_connection_error
+from .topology import Node
+
+LSN_SQL = "SELECT pg_current_wal_lsn()::text"
+
+# PostgreSQL type name -> wire kind (see client.values.KIND_TYPES).
+_KINDS: dict[str, str] = {
+    "timestamptz": "datetime",
+    "timestamp": "datetime",
+    "date": "date",
+    "time": "time",
+    "timetz": "time",
+    "interval": "interval",
+    "numeric": "decimal",
+    "uuid": "uuid",
+    "bytea": "bytes",
+    "json": "json",
+    "jsonb": "json",
+}
+
+
+def _kind(typ: Any) -> str | None:
+    if typ.kind == "array" and typ.elemtype_name:
+        inner = _KINDS.get(typ.elemtype_name)
+        return f"array:{inner}" if inner else None
+    return _KINDS.get(typ.name)
+
+
+def describe(ps: asyncpg.prepared_stmt.PreparedStatement) -> tuple[list[str], list[str | None]]:
+    attrs = ps.get_attributes()
+    return [a.name for a in attrs], [_kind(a.type) for a in attrs]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one statement produced on one node."""
+
+    columns: list[str]
+    kinds: list[str | None]
+    rows: list[tuple[Any, ...]]
+    rowcount: int
+    node: Node
+    role: str
+    shard: str | None
+    lsn: str | None = None
+
+    def served_by(self) -> ServedBy:
+        return ServedBy(node=self.node.name, role=self.role, shard=self.shard)  # type: ignore[arg-type]
+
+
+def _rowcount(status: str | None) -> int:
+    if not status:
+        return 0
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
+
+
+@asynccontextmanager
+async def connection(node: Node, acquire_timeout: float) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection; failures to get one are retryable and never ran anything."""
+    if node.pool is None:
+        raise SidecarError(503, "node_unavailable", f"node {node.name} has no pool", retryable=True)
+    try:
+        conn = await node.pool.acquire(timeout=acquire_timeout)
+    except TimeoutError:
+        raise SidecarError(
+            503,
+            "pool_timeout",
+            f"no free connection to {node.name} within {acquire_timeout:g} s",
+            retryable=True,
+        ) from None
+    except Exception as exc:
+        if is_connection_error(exc):
+            node.mark(False, str(exc))
+            raise SidecarError(
+                503, "node_unavailable", f"cannot connect to {node.name}: {exc}", retryable=True
+            ) from None
+        raise
+    node.busy += 1
+    try:
+        yield conn
+    finally:
+        node.busy -= 1
+        await node.pool.release(conn)
+
+
+async def run_statement(conn: asyncpg.Connection, compiled: Compiled) -> tuple[
+    list[str], list[str | None], list[tuple[Any, ...]], int
+]:  # fmt: skip
+    stmt: Statement = compiled.statement
+    if not stmt.returns_rows:
+        status = await conn.execute(stmt.sql, *compiled.params)
+        return [], [], [], _rowcount(status)
+    if stmt.kinds is None or stmt.columns is None:
+        # First run of this shape (or any raw plan): learn column names and kinds.
+        ps = await conn.prepare(stmt.sql)
+        stmt.columns, stmt.kinds = describe(ps)
+        records = await ps.fetch(*compiled.params)
+        rows = [tuple(r) for r in records]
+        count = _rowcount(ps.get_statusmsg()) or len(rows)
+        return stmt.columns, stmt.kinds, rows, count
+    records = await conn.fetch(stmt.sql, *compiled.params)
+    return stmt.columns, stmt.kinds, [tuple(r) for r in records], len(records)
+
+
+async def execute(
+    node: Node,
+    role: str,
+    shard: str | None,
+    statements: Sequence[Compiled],
+    *,
+    writes: bool,
+    transaction: bool,
+    readonly: bool = False,
+    acquire_timeout: float,
+) -> list[Outcome]:
+    """Run statements on one node, in one transaction when asked (or when several)."""
+    async with connection(node, acquire_timeout) as conn:
+        outcomes: list[Outcome] = []
+        try:
+            if transaction or len(statements) > 1 or readonly:
+                async with conn.transaction(readonly=readonly):
+                    for compiled in statements:
+                        parts = await run_statement(conn, compiled)
+                        outcomes.append(_outcome(parts, node, role, shard))
+            else:
+                outcomes.append(
+                    _outcome(await run_statement(conn, statements[0]), node, role, shard)
+                )
+            if writes:
+                lsn = await conn.fetchval(LSN_SQL)
+                for o in outcomes:
+                    o.lsn = lsn
+        except Exception as exc:
+            if is_connection_error(exc):
+                node.mark(False, str(exc))
+            error = from_exception(exc, writes=writes)
+            if len(statements) > 1 and len(outcomes) < len(statements):
+                # In a batch, name the plan that failed.
+                error.index = len(outcomes)
+            raise error from exc
+        return outcomes
+
+
+def _outcome(
+    parts: tuple[list[str], list[str | None], list[tuple[Any, ...]], int],
+    node: Node,
+    role: str,
+    shard: str | None,
+) -> Outcome:
+    columns, kinds, rows, count = parts
+    return Outcome(columns, kinds, rows, count, node, role, shard)
+
+
+def to_result(outcome: Outcome, lsn: str | None = None) -> Result:
+    return Result(
+        columns=outcome.columns,
+        types=outcome.kinds,
+        rows=outcome.rows,  # type: ignore[arg-type]
+        rowcount=outcome.rowcount,
+        lsn=lsn,
+        served_by=[outcome.served_by()],
+    )

@@ -1,0 +1,147 @@
+"""Node probes: one background task per node on its own connection.
+
+Every ``position_interval`` (100 ms) a probe reads the node's role and WAL
+position, which keeps replica lag and read-your-writes current. Every
+``interval`` a probe also counts towards the up/down thresholds. Lag is
+measured here from WAL positions: bytes behind the primary, and seconds since
+the primary first reported a position the replica has not replayed yet (so an
+idle primary does not make a caught-up replica look stale).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import asyncpg
+
+from client.consistency import lsn_to_int
+
+from .pools import connect_kwargs
+from .settings import HealthSettings
+from .topology import Database, Node, Shard, Topology
+
+log = logging.getLogger("dbsidecar.health")
+
+PROBE_SQL = (
+    "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() "
+    "THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text"
+)
+
+
+class Prober:
+    def __init__(self, topology: Topology, settings: HealthSettings) -> None:
+        self.topology = topology
+        self.settings = settings
+        self._tasks: list[asyncio.Task[None]] = []
+        self._first: list[asyncio.Future[None]] = []
+
+    async def start(self) -> None:
+        """Start every probe and wait (bounded by the probe timeout) for first answers."""
+        loop = asyncio.get_running_loop()
+        for db in self.topology.databases.values():
+            for shard in db.shards:
+                for node in shard.nodes:
+                    first: asyncio.Future[None] = loop.create_future()
+                    self._first.append(first)
+                    self._tasks.append(
+                        asyncio.create_task(
+                            self._run(db, shard, node, first), name=f"probe {node.name}"
+                        )
+                    )
+        await asyncio.wait(self._first, timeout=self.settings.timeout * 2)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _run(
+        self, db: Database, shard: Shard, node: Node, first: asyncio.Future[None]
+    ) -> None:
+        cfg = self.settings
+        kwargs = connect_kwargs(node.settings, node.database, f"databases.{db.name}.{node.name}")
+        conn: asyncpg.Connection | None = None
+        fails = oks = 0
+        last_health = 0.0
+        try:
+            while True:
+                started = time.monotonic()
+                error: str | None = None
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await asyncpg.connect(
+                            **kwargs,
+                            timeout=cfg.timeout,
+                            server_settings={"application_name": "dbsidecar-probe"},
+                        )
+                    row = await conn.fetchrow(PROBE_SQL, timeout=cfg.timeout)
+                except Exception as exc:  # any failure is a failed probe, whatever its kind
+                    error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    if conn is not None:
+                        conn.terminate()
+                        conn = None
+                else:
+                    assert row is not None
+                    self._observe(shard, node, row[0], lsn_to_int(row[1]) if row[1] else None)
+                    node.latency = time.monotonic() - started
+                now = time.monotonic()
+                if now - last_health >= cfg.interval or not first.done():
+                    last_health = now
+                    if error is None:
+                        fails, oks = 0, oks + 1
+                        if not node.up and oks >= cfg.success_threshold:
+                            node.mark(True)
+                            log.warning("node %s of %s is up again", node.name, db.name)
+                        node.last_error = None
+                    else:
+                        fails, oks = fails + 1, 0
+                        node.last_error = error
+                        if node.up and (fails >= cfg.failure_threshold or not first.done()):
+                            node.mark(False, error)
+                            log.warning("node %s of %s is down: %s", node.name, db.name, error)
+                if not first.done():
+                    first.set_result(None)
+                await asyncio.sleep(max(0.0, cfg.position_interval - (time.monotonic() - started)))
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 1)
+
+    def _observe(self, shard: Shard, node: Node, in_recovery: bool, lsn: int | None) -> None:
+        now = time.monotonic()
+        if node.in_recovery is not None and node.in_recovery != in_recovery:
+            log.warning(
+                "node %s now reports %s", node.name, "recovery" if in_recovery else "primary role"
+            )
+        node.in_recovery = in_recovery
+        previous = node.lsn
+        node.lsn, node.lsn_at = lsn, now
+        if not in_recovery and lsn is not None:
+            if not shard.history or shard.history[-1][1] != lsn:
+                shard.history.append((now, lsn))
+        _update_lag(shard, now)
+        if in_recovery and lsn is not None and (previous is None or lsn > previous):
+            shard.notify_advanced()
+
+
+def _update_lag(shard: Shard, now: float) -> None:
+    primary = shard.primary
+    if primary.lsn is None or primary.in_recovery:
+        return
+    positions = []
+    for replica in shard.replicas:
+        if replica.lsn is None:
+            continue
+        positions.append(replica.lsn)
+        replica.lag_bytes = max(0, primary.lsn - replica.lsn)
+        replica.lag_seconds = shard.lag_seconds_at(replica.lsn, now)
+    if positions:
+        # Samples every replica has replayed past are no longer needed.
+        oldest = min(positions)
+        history = shard.history
+        while len(history) >= 2 and history[1][1] <= oldest:
+            history.popleft()

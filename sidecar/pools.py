@@ -1,0 +1,60 @@
+"""One asyncpg pool per node, and the per-connection setup every pool shares."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from .settings import NodeSettings, PoolSettings
+
+log = logging.getLogger("dbsidecar.pools")
+
+
+def _json_encode(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+async def _setup_connection(conn: asyncpg.Connection) -> None:
+    # JSON columns travel as documents ({"$json": ...}), not as their text.
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typ, encoder=_json_encode, decoder=msgspec.json.decode, schema="pg_catalog"
+        )
+
+
+def connect_kwargs(node: NodeSettings, database: str, where: str) -> dict[str, Any]:
+    """asyncpg connection arguments; the password is resolved here, never logged."""
+    kwargs: dict[str, Any] = {"password": node.resolved_password(where)}
+    if node.dsn:
+        kwargs["dsn"] = node.dsn
+    else:
+        kwargs.update(host=node.host, port=node.port, database=node.database or database)
+    if node.user:
+        kwargs["user"] = node.user
+    return kwargs
+
+
+async def create_pool(
+    node: NodeSettings, database: str, settings: PoolSettings, where: str
+) -> asyncpg.Pool:
+    kwargs = connect_kwargs(node, database, where)
+    common: dict[str, Any] = dict(
+        max_size=settings.max_size,
+        max_inactive_connection_lifetime=settings.max_inactive_connection_lifetime,
+        init=_setup_connection,
+        server_settings={
+            "application_name": "dbsidecar",
+            "statement_timeout": str(int(settings.statement_timeout * 1000)),
+        },
+        **kwargs,
+    )
+    try:
+        return await asyncpg.create_pool(min_size=settings.min_size, **common)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        # A node that is down at start must not stop the sidecar: its pool
+        # connects on demand and the health probe decides when it serves.
+        log.warning("node %s unreachable at start (%s); connecting on demand", where, exc)
+        return await asyncpg.create_pool(min_size=0, **common)

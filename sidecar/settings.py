@@ -1,0 +1,306 @@
+"""Typed configuration: the document's shape, its sources and its validation.
+
+Sources, later winning: the file (YAML or JSON), then ``DBSIDECAR_*``
+environment variables (``__`` separates nested keys, values parse as YAML
+scalars: ``DBSIDECAR_DATABASES__ORDERS__POOL__MAX_SIZE=20``). A database entry
+takes our shape (``primary``/``replicas``) or the seed's (``write``/``read``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+
+ENV_PREFIX = "DBSIDECAR_"
+
+
+class ConfigError(Exception):
+    """A configuration document that cannot be used; the message names the key."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    pass
+
+
+class NodeSettings(_Section):
+    """One PostgreSQL server and database, given by parts or by a DSN."""
+
+    name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 5432
+    database: str | None = None
+    user: str | None = None
+    password: str | None = None
+    # The name of an environment variable holding the password (from a Secret).
+    password_env: str | None = None
+    dsn: str | None = None
+    driver: Literal["postgresql", "postgres"] = "postgresql"
+
+    def label(self, default_database: str) -> str:
+        """A name for logs, metrics and served-by metadata; never holds a password."""
+        if self.name:
+            return self.name
+        if self.dsn:
+            parts = urlsplit(self.dsn)
+            return f"{parts.hostname}:{parts.port or 5432}{parts.path or '/' + default_database}"
+        return f"{self.host}:{self.port}/{self.database or default_database}"
+
+    def resolved_password(self, where: str) -> str | None:
+        if self.password_env is None:
+            return self.password
+        value = os.environ.get(self.password_env)
+        if value is None:
+            raise ConfigError(
+                f"{where}.password_env: environment variable {self.password_env} is not set"
+            )
+        return value
+
+
+class PoolSettings(_Section):
+    min_size: int = 1
+    max_size: int = 10
+    # Seconds to wait for a free connection before answering 503 pool_timeout.
+    acquire_timeout: float = 5.0
+    # Seconds a statement may run before PostgreSQL cancels it (504).
+    statement_timeout: float = 30.0
+    max_inactive_connection_lifetime: float = 300.0
+
+
+class ShardingSettings(_Section):
+    key: str
+    function: Literal["modulo", "hash", "range", "map"]
+    # range: ascending upper bounds (exclusive); shard i takes keys below bounds[i],
+    # the last shard takes the rest, so there is one bound fewer than shards.
+    bounds: list[int | str] | None = None
+    # map: key (as a string) -> shard name.
+    map: dict[str, str] | None = None
+    # map: the shard for keys the map does not name; without it they are refused.
+    default: str | None = None
+
+
+class ShardSettings(_Section):
+    name: str
+    primary: NodeSettings
+    replicas: list[NodeSettings] = []
+
+
+class DatabaseSettings(_Section):
+    primary: NodeSettings | None = None
+    replicas: list[NodeSettings] = []
+    read_default: Literal["primary", "replica"] = "primary"
+    replica_strategy: Literal["round_robin", "random", "least_busy"] = "round_robin"
+    max_replica_lag_bytes: int | None = None
+    max_replica_lag_seconds: float | None = None
+    fallback_to_primary: bool = True
+    # How long a read-your-writes read may wait for a replica to catch up.
+    ryw_wait_ms: int = 50
+    pool: PoolSettings = msgspec.field(default_factory=PoolSettings)
+    sharding: ShardingSettings | None = None
+    shards: list[ShardSettings] = []
+
+
+class ListenSettings(_Section):
+    host: str | None = "127.0.0.1"
+    port: int | None = 7432
+    uds: str | None = None
+
+
+class OpsSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = 9432
+
+
+class HealthSettings(_Section):
+    interval: float = 1.0
+    timeout: float = 1.0
+    failure_threshold: int = 3
+    success_threshold: int = 1
+    # Replica replay positions (read-your-writes, lag) are polled this often.
+    position_interval: float = 0.1
+
+
+class LimitsSettings(_Section):
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_where_depth: int = 32
+    max_batch_plans: int = 1000
+
+
+class TransactionSettings(_Section):
+    # An open transaction idle this long is rolled back and its connection freed.
+    idle_timeout: float = 60.0
+    max_open: int = 1000
+
+
+class ShutdownSettings(_Section):
+    drain_timeout: float = 20.0
+
+
+class ReadinessSettings(_Section):
+    require_primary: bool = False
+
+
+class Settings(_Section):
+    listen: ListenSettings = msgspec.field(default_factory=ListenSettings)
+    ops: OpsSettings = msgspec.field(default_factory=OpsSettings)
+    auth_token: str | None = None
+    databases: dict[str, DatabaseSettings] = {}
+    health: HealthSettings = msgspec.field(default_factory=HealthSettings)
+    limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
+    transactions: TransactionSettings = msgspec.field(default_factory=TransactionSettings)
+    shutdown: ShutdownSettings = msgspec.field(default_factory=ShutdownSettings)
+    readiness: ReadinessSettings = msgspec.field(default_factory=ReadinessSettings)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+def _seed_shape(name: str, entry: Any) -> Any:
+    """Accept the seed design's ``driver``/``write``/``read`` database entries."""
+    if not isinstance(entry, dict) or not ({"write", "read", "driver"} & entry.keys()):
+        return entry
+    entry = dict(entry)
+    driver = entry.pop("driver", "postgresql")
+    if driver not in ("postgresql", "postgres"):
+        raise ConfigError(f"databases.{name}.driver: only postgresql is supported, not {driver!r}")
+    if "write" in entry:
+        if "primary" in entry:
+            raise ConfigError(f"databases.{name}: give either 'write' or 'primary', not both")
+        entry["primary"] = entry.pop("write")
+    if "read" in entry:
+        if "replicas" in entry:
+            raise ConfigError(f"databases.{name}: give either 'read' or 'replicas', not both")
+        read = entry.pop("read")
+        entry["replicas"] = read if isinstance(read, list) else [read]
+    return entry
+
+
+def _check(settings: Settings) -> None:
+    if settings.listen.port is None and not settings.listen.uds:
+        raise ConfigError("listen: give a port, a uds path or both")
+    seen_nodes: set[str] = set()
+    for name, db in settings.databases.items():
+        where = f"databases.{name}"
+        pool = db.pool
+        if not 0 <= pool.min_size <= pool.max_size or pool.max_size < 1:
+            raise ConfigError(f"{where}.pool: need 0 <= min_size <= max_size and max_size >= 1")
+        if pool.acquire_timeout <= 0 or pool.statement_timeout < 0:
+            raise ConfigError(f"{where}.pool: timeouts must be positive")
+        if db.sharding is None:
+            if db.shards:
+                raise ConfigError(f"{where}.shards: shards need a 'sharding' section")
+            if db.primary is None:
+                raise ConfigError(f"{where}.primary: a database needs a primary")
+            continue
+        if db.primary is not None or db.replicas:
+            raise ConfigError(f"{where}: a sharded database lists its nodes under 'shards'")
+        if not db.shards:
+            raise ConfigError(f"{where}.shards: a sharded database needs at least one shard")
+        names = [s.name for s in db.shards]
+        for shard_name in names:
+            if shard_name in seen_nodes or shard_name in settings.databases:
+                raise ConfigError(f"{where}.shards: duplicate name {shard_name!r}")
+            seen_nodes.add(shard_name)
+        _check_sharding(where, db.sharding, names)
+
+
+def _check_sharding(where: str, sharding: ShardingSettings, names: list[str]) -> None:
+    fn = sharding.function
+    if fn == "range":
+        bounds = sharding.bounds
+        if bounds is None or len(bounds) != len(names) - 1:
+            raise ConfigError(
+                f"{where}.sharding.bounds: range sharding over {len(names)} shards needs "
+                f"{len(names) - 1} ascending bounds"
+            )
+        if any(b >= a for a, b in zip(bounds[1:], bounds, strict=False)):  # type: ignore[operator]
+            raise ConfigError(f"{where}.sharding.bounds: bounds must be strictly ascending")
+    elif fn == "map":
+        if not sharding.map:
+            raise ConfigError(f"{where}.sharding.map: map sharding needs a key -> shard map")
+        known = set(names)
+        for key, shard in sharding.map.items():
+            if shard not in known:
+                raise ConfigError(f"{where}.sharding.map.{key}: unknown shard {shard!r}")
+        if sharding.default is not None and sharding.default not in known:
+            raise ConfigError(f"{where}.sharding.default: unknown shard {sharding.default!r}")
+    elif sharding.bounds is not None or sharding.map is not None:
+        raise ConfigError(f"{where}.sharding: {fn} sharding takes no bounds or map")
+
+
+def parse_document(text: str, source: str) -> dict[str, Any]:
+    """YAML (a superset of JSON) text to a mapping; empty or non-mapping is an error."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML or JSON: {exc}") from None
+    if doc is None:
+        raise ConfigError(f"{source}: the configuration document is empty")
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: the configuration must be a mapping at the top level")
+    return doc
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``DBSIDECAR_A__B=v`` as ``{"a": {"b": v}}``, only for known top-level keys."""
+    top = set(Settings.__struct_fields__)
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] not in top:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with another DBSIDECAR_ variable")
+        node[path[-1]] = value
+    return out
+
+
+def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_settings(document: Mapping[str, Any]) -> Settings:
+    """Validate a merged document into Settings, or raise ConfigError naming the key."""
+    doc = dict(document)
+    dbs = doc.get("databases")
+    if isinstance(dbs, dict):
+        doc["databases"] = {name: _seed_shape(name, entry) for name, entry in dbs.items()}
+    try:
+        settings = msgspec.convert(doc, Settings)
+    except msgspec.ValidationError as exc:
+        # msgspec says "... - at `$.databases.orders.pool`"; make it a plain key path.
+        message = str(exc).replace("`$.", "`").replace("`$`", "the document")
+        raise ConfigError(message) from None
+    _check(settings)
+    return settings
+
+
+def load_settings(path: str | Path | None, environ: Mapping[str, str] = os.environ) -> Settings:
+    """The file (if any) overlaid with the environment."""
+    doc: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+        doc = parse_document(text, str(path))
+    return build_settings(merge(doc, env_overrides(environ)))

@@ -1,0 +1,49 @@
+"""The running sidecar's shared state: what the endpoints and the lifecycle read."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .dispatch import Dispatcher
+from .health import Prober
+from .settings import Settings
+from .topology import Topology
+
+
+@dataclass(eq=False)
+class SidecarState:
+    settings: Settings
+    topology: Topology
+    dispatcher: Dispatcher
+    prober: Prober
+    # Configuration loaded, pools created, data listener accepting.
+    started: bool = False
+    # SIGTERM or /quitquitquit: readiness is 503, in-flight work drains.
+    draining: bool = False
+    inflight: int = 0
+    started_at: float = field(default_factory=time.time)
+    # Set by the process: begins the same drain as SIGTERM.
+    on_quit: Callable[[], None] | None = None
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_started(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if the deadline passed first."""
+        if self.inflight == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
