@@ -44,6 +44,7 @@ from .fields import (
 from .model import ActiveRecord
 from .query import Query
 from .results import Rows
+from .values import Json
 
 __all__ = [
     "ActiveRecord",
@@ -63,6 +64,7 @@ __all__ = [
     "IntegerField",
     "IntegrityError",
     "JSONField",
+    "Json",
     "Max",
     "Min",
     "PlanError",

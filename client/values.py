@@ -72,10 +72,22 @@ KIND_TYPES: dict[str, type] = {
 _TAG_TYPES: dict[str, type] = {f"${kind}": typ for kind, typ in KIND_TYPES.items()}
 
 
+class Json:
+    """Marks a value as a JSON document, whatever its shape: ``Json([1, 2])`` is one
+    JSON array, where a plain list would be an SQL array or an ``in`` list."""
+
+    __slots__ = ("doc",)
+
+    def __init__(self, doc: Any) -> None:
+        self.doc = doc
+
+
 def encode_value(value: Any) -> Any:
     """A Python value as it travels in a plan."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
+    if isinstance(value, Json):
+        return {"$json": value.doc}
     if isinstance(value, list | tuple | set | frozenset):
         return [encode_value(v) for v in value]
     if isinstance(value, dict):

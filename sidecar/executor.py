@@ -38,8 +38,9 @@ _KINDS: dict[str, str] = {
 
 
 def _kind(typ: Any) -> str | None:
-    if typ.kind == "array" and typ.elemtype_name:
-        inner = _KINDS.get(typ.elemtype_name)
+    if typ.kind == "array":
+        # asyncpg names array types after their element: uuid[], numeric[].
+        inner = _KINDS.get(typ.name.removesuffix("[]"))
         return f"array:{inner}" if inner else None
     return _KINDS.get(typ.name)
 
