@@ -50,7 +50,9 @@ class Aggregate(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
 
     @property
     def name(self) -> str:
-        return self.alias or (f"{self.fn}_{self.col}" if self.col else self.fn)
+        if self.alias is not None:
+            return self.alias
+        return f"{self.fn}_{self.col}" if self.col else self.fn
 
 
 class _Plan(

@@ -25,7 +25,7 @@ from .health import Prober
 from .ops import ops_app
 from .settings import Settings
 from .state import SidecarState
-from .topology import open_topology
+from .topology import build, open_pools
 
 log = logging.getLogger("dbsidecar")
 
@@ -71,7 +71,7 @@ def _listeners(state: SidecarState) -> tuple[list[_Server], _Server, list[str]]:
 async def serve(settings: Settings, announce: Callable[[str], None] = print) -> int:
     """Run the sidecar until a signal asks it to stop; returns the exit code."""
     began = time.monotonic()
-    topology = await open_topology(settings)
+    topology = build(settings)
     prober = Prober(topology, settings.health)
     state = SidecarState(settings, topology, Dispatcher(topology, settings), prober)
     stop = asyncio.Event()
@@ -84,6 +84,7 @@ async def serve(settings: Settings, announce: Callable[[str], None] = print) -> 
     try:
         # The ops port first, so /startupz answers 503 while the rest starts.
         tasks.append(asyncio.create_task(ops.serve()))
+        await open_pools(topology)
         await prober.start()
         tasks += [asyncio.create_task(s.serve()) for s in data]
         while not all(s.started for s in [*data, ops]):

@@ -123,7 +123,7 @@ def _node(settings: NodeSettings, database: str, role: Role) -> Node:
 
 
 def build(settings: Settings) -> Topology:
-    """The topology's structure, without pools (see :func:`open_topology`)."""
+    """The topology's structure, without pools (see :func:`open_pools`)."""
     databases: dict[str, Database] = {}
     aliases: dict[str, tuple[Database, int]] = {}
     for name, cfg in settings.databases.items():
@@ -153,8 +153,8 @@ def build(settings: Settings) -> Topology:
     return Topology(databases, aliases)
 
 
-async def open_topology(settings: Settings) -> Topology:
-    topo = build(settings)
+async def open_pools(topo: Topology) -> None:
+    """Open every node's pool concurrently; on failure close what was opened."""
 
     async def open_pool(db: Database, node: Node) -> None:
         where = f"databases.{db.name}.{node.name}"
@@ -172,4 +172,3 @@ async def open_topology(settings: Settings) -> Topology:
     except BaseException:
         await topo.close()
         raise
-    return topo

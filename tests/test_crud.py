@@ -58,16 +58,20 @@ async def test_queries_where_order_limit_count_first() -> None:
         .all()
     )
     assert [r.amount for r in rows] == [Decimal(3), Decimal(2)]
-    count = await Order.find().where(
-        (Order.user_id == user) & ((Order.status == "new") | Order.status.in_(["paid"]))
-    ).count()
+    count = (
+        await Order.find()
+        .where((Order.user_id == user) & ((Order.status == "new") | Order.status.in_(["paid"])))
+        .count()
+    )
     assert count == 4
     assert await Order.find().where(Order.user_id == user, ~(Order.status == "new")).count() == 3
     assert await Order.find().where(Order.user_id == user, Order.amount.between(1, 3)).count() == 3
     assert await Order.find().where(Order.user_id == user, Order.status.like("p%")).count() == 2
     assert await Order.find().where(Order.user_id == user, Order.status.ilike("P%")).count() == 2
     assert await Order.find().where(Order.user_id == user, Order.data == None).count() == 5  # noqa: E711
-    assert await Order.find().where(Order.user_id == user, Order.status.not_in(["new"])).count() == 3
+    assert (
+        await Order.find().where(Order.user_id == user, Order.status.not_in(["new"])).count() == 3
+    )
     assert await Order.find().where(Order.user_id == user, Order.amount >= 3).count() == 2
     assert await Order.find().where(Order.user_id == user, Order.amount < 1).count() == 1
     assert await Order.find().where(Order.user_id == user, Order.status != "new").count() == 3
