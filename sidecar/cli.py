@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import urllib.error
@@ -67,6 +68,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from .localdb import LocalDbError, LocalTopology
 
     _logging(args.log_level)
+    # Until the sidecar installs its own handlers, SIGTERM must still unwind
+    # through the finally below so no PostgreSQL is left behind.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     topo = LocalTopology(
         Path(args.data_dir) if args.data_dir else None,
         replica=True,
@@ -91,6 +95,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
     finally:
         topo.stop()
         _announce("local PostgreSQL stopped")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _get(url: str, timeout: float) -> tuple[int, bytes]:

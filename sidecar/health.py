@@ -120,9 +120,12 @@ class Prober:
         node.in_recovery = in_recovery
         previous = node.lsn
         node.lsn, node.lsn_at = lsn, now
-        if not in_recovery and lsn is not None:
-            if not shard.history or shard.history[-1][1] != lsn:
-                shard.history.append((now, lsn))
+        if (
+            not in_recovery
+            and lsn is not None
+            and (not shard.history or shard.history[-1][1] != lsn)
+        ):
+            shard.history.append((now, lsn))
         _update_lag(shard, now)
         if in_recovery and lsn is not None and (previous is None or lsn > previous):
             shard.notify_advanced()

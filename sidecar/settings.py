@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
 import yaml
 
 ENV_PREFIX = "DBSIDECAR_"
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -278,18 +279,31 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _convert(value: Any, typ: type[T], where: str) -> T:
+    try:
+        return msgspec.convert(value, typ)
+    except msgspec.ValidationError as exc:
+        # msgspec says "... - at `$.pool.max_sise`"; name the key from the top.
+        message = str(exc)
+        prefix = where + "." if where else ""
+        message = message.replace("`$.", f"`{prefix}").replace(
+            "`$`", f"`{where or 'the document'}`"
+        )
+        raise ConfigError(message) from None
+
+
 def build_settings(document: Mapping[str, Any]) -> Settings:
     """Validate a merged document into Settings, or raise ConfigError naming the key."""
     doc = dict(document)
-    dbs = doc.get("databases")
-    if isinstance(dbs, dict):
-        doc["databases"] = {name: _seed_shape(name, entry) for name, entry in dbs.items()}
-    try:
-        settings = msgspec.convert(doc, Settings)
-    except msgspec.ValidationError as exc:
-        # msgspec says "... - at `$.databases.orders.pool`"; make it a plain key path.
-        message = str(exc).replace("`$.", "`").replace("`$`", "the document")
-        raise ConfigError(message) from None
+    raw_dbs = doc.pop("databases", None) or {}
+    if not isinstance(raw_dbs, dict):
+        raise ConfigError("`databases` must be a mapping of name -> database")
+    # One database at a time, so an error names the database (msgspec cannot for dict keys).
+    databases = {
+        name: _convert(_seed_shape(name, entry), DatabaseSettings, f"databases.{name}")
+        for name, entry in raw_dbs.items()
+    }
+    settings = msgspec.structs.replace(_convert(doc, Settings, ""), databases=databases)
     _check(settings)
     return settings
 

@@ -71,10 +71,10 @@ def key_values(node: dict[str, Any] | None, key: str) -> list[Any] | None:
     if len(node) == 1 and isinstance(node.get("and"), list):
         found: list[Any] | None = None
         for child in node["and"]:
-            if isinstance(child, dict) and (vals := key_values(child, key)) is not None:
-                # Several pins intersect; the smallest is a correct superset.
-                if found is None or len(vals) < len(found):
-                    found = vals
+            vals = key_values(child, key) if isinstance(child, dict) else None
+            # Several pins intersect; the smallest is a correct superset.
+            if vals is not None and (found is None or len(vals) < len(found)):
+                found = vals
         return found
     if node.get("col") != key:
         return None

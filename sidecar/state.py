@@ -38,12 +38,12 @@ class SidecarState:
         if self.inflight == 0:
             self._idle.set()
 
-    async def drained(self, timeout: float) -> bool:
+    async def drained(self, within: float) -> bool:
         """Wait until no request is in flight; False if the deadline passed first."""
         if self.inflight == 0:
             return True
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), within)
         except TimeoutError:
             return False
         return True

@@ -41,12 +41,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.02
+    check: Callable[[], Awaitable[bool]], within: float, what: str, interval: float = 0.02
 ) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not await check():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout} s waiting for {what}")
+            raise TimeoutError(f"gave up after {within} s waiting for {what}")
         await asyncio.sleep(interval)
 
 
