@@ -19,7 +19,9 @@ from .compiler import Compiled, Statement
 from .errors import SidecarError, from_exception, is_connection_error
 from .topology import Node
 
-LSN_SQL = "SELECT pg_current_wal_lsn()::text"
+# The insert position, not the write position: with synchronous_commit off the
+# commit record may still sit in WAL buffers, past pg_current_wal_lsn().
+LSN_SQL = "SELECT pg_current_wal_insert_lsn()::text"
 
 # PostgreSQL type name -> wire kind (see client.values.KIND_TYPES).
 _KINDS: dict[str, str] = {

@@ -27,7 +27,7 @@ log = logging.getLogger("dbsidecar.health")
 
 PROBE_SQL = (
     "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() "
-    "THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text"
+    "THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text"
 )
 
 
