@@ -97,12 +97,10 @@ class Dispatcher:
         writes = plan_writes(plan)
         if db.sharded and isinstance(plan, Insert):
             return await self._sharded_insert(db, plan, pinned)
-        shards = self._shards(db, plan, pinned)
-        if shards is None:
-            shards = db.shards
-            if not writes:
-                self.router.count(db, "scatter")
-                return await self._scatter(db, plan)
+        shards = self._shards(db, plan, pinned) or db.shards
+        if not writes and len(shards) > 1:
+            self.router.count(db, "scatter")
+            return await self._scatter(db, plan, shards)
         outcomes = await asyncio.gather(*(self._on_shard(db, s, plan, writes) for s in shards))
         flat = [o for group in outcomes for o in group]
         if len(flat) == 1:
@@ -141,29 +139,29 @@ class Dispatcher:
             acquire_timeout=db.settings.pool.acquire_timeout,
         )
 
-    async def _gather(self, db: Database, plan: Plan) -> list[Outcome]:
+    async def _gather(self, db: Database, plan: Plan, shards: list[Shard]) -> list[Outcome]:
         groups = await asyncio.gather(
-            *(self._on_shard(db, s, plan, writes=False, count=False) for s in db.shards)
+            *(self._on_shard(db, s, plan, writes=False, count=False) for s in shards)
         )
         return [o for group in groups for o in group]
 
-    async def _scatter(self, db: Database, plan: Plan) -> Result:
+    async def _scatter(self, db: Database, plan: Plan, shards: list[Shard]) -> Result:
         served: list[Outcome]
         if isinstance(plan, Select):
             shard_plan, extra = merge.shard_select(plan)
-            served = await self._gather(db, shard_plan)
+            served = await self._gather(db, shard_plan, shards)
             columns, rows = merge.merge_select(plan, served, extra)
             kinds = served[0].kinds[: len(columns)]
         elif isinstance(plan, Count):
-            served = await self._gather(db, plan)
+            served = await self._gather(db, plan, shards)
             columns, kinds = ["count"], [None]
             rows = [(sum(o.rows[0][0] for o in served),)]
         elif isinstance(plan, AggregateQuery):
-            served = await self._gather(db, merge.shard_aggregate(plan))
+            served = await self._gather(db, merge.shard_aggregate(plan), shards)
             columns, kinds, rows = merge.merge_aggregate(plan, served)
         else:
             # A raw read on every shard: the rows of all shards, in shard order.
-            served = await self._gather(db, plan)
+            served = await self._gather(db, plan, shards)
             columns, kinds = served[0].columns, served[0].kinds
             rows = [r for o in served for r in o.rows]
         return Result(

@@ -29,4 +29,5 @@ CREATE TABLE users (
     rating double precision,
     created_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE accounts (key text PRIMARY KEY, n integer);
 """

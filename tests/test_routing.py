@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import AsyncIterator
 
@@ -176,7 +177,7 @@ async def test_round_robin_alternates_and_read_default_replica(strict_sidecar) -
         rows = await ActiveRecord.execute_raw("SELECT 1", writes=False, replica=True, using=orders)
         served.append(rows.served_by[0].node)
     assert set(served) == {"replica/orders", "replica-twin/orders"}
-    assert all(a != b for a, b in zip(served, served[1:], strict=False))
+    assert all(a != b for a, b in itertools.pairwise(served))
     payments = eventual(strict_sidecar, "strict-payments", "payments")
     rows = await ActiveRecord.execute_raw("SELECT 1", writes=False, using=payments)
     assert rows.served_by[0].role == "replica"
@@ -198,7 +199,8 @@ async def test_no_write_ever_reaches_the_replica(sidecar, replica_conn) -> None:
         route = Route(role=role)
         return rng.choice(
             [
-                Insert(database="orders", table="kv", rows=[{"k": f"mix-{i}", "v": "1"}], route=route),
+                Insert(database="orders", table="kv", rows=[{"k": f"mix-{i}", "v": "1"}],
+                       route=route),
                 Update(database="orders", table="kv", values={"v": str(i)},
                        where={"col": "k", "op": "=", "value": key}, route=route),
                 Delete(database="orders", table="kv",
