@@ -9,12 +9,16 @@ the newest position per shard and sends them all back as ``route.after``.
 
 from __future__ import annotations
 
+import re
+
+_LSN = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
+
 
 def lsn_to_int(lsn: str) -> int:
-    hi, _, lo = lsn.partition("/")
-    if not lo:
+    match = _LSN.fullmatch(lsn)
+    if match is None:
         raise ValueError(f"not a WAL position: {lsn!r}")
-    return (int(hi, 16) << 32) | int(lo, 16)
+    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
 
 
 def int_to_lsn(value: int) -> str:
@@ -41,7 +45,7 @@ def merge_tokens(current: str | None, new: str | None) -> str | None:
     if not new:
         return current
     if not current:
-        return new
+        return format_token(parse_token(new))
     merged = parse_token(current)
     for shard, value in parse_token(new).items():
         merged[shard] = max(merged.get(shard, 0), value)

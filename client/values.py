@@ -15,6 +15,7 @@ Result rows go the other way: the sidecar names each column's kind once
 from __future__ import annotations
 
 import datetime as dt
+import math
 import uuid
 from base64 import b64decode, b64encode
 from collections.abc import Callable
@@ -84,6 +85,8 @@ class Json:
 
 def encode_value(value: Any) -> Any:
     """A Python value as it travels in a plan."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise WireValueError("NaN and infinity cannot travel in JSON; use None or a Decimal")
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, Json):

@@ -101,12 +101,13 @@ class Compiler:
             if not plan.rows:
                 raise bad_plan("an insert needs at least one row")
             cols = tuple(plan.rows[0])
+            names = set(cols)
             for i, row in enumerate(plan.rows):
-                if tuple(row) != cols:
+                if row.keys() != names:
                     raise bad_plan(
                         f"row {i} has other columns than row 0; every row needs the same"
                     )
-                params.extend(plancheck.value(v) for v in row.values())
+                params.extend(plancheck.value(row[c]) for c in cols)
             if not cols and len(plan.rows) > 1:
                 raise bad_plan("several rows of only default values: insert them one by one")
             returning = tuple(plan.returning) if plan.returning is not None else None
@@ -138,9 +139,11 @@ def _limits(limit: int | None, offset: int | None, params: list[Any]) -> None:
 
 
 def _require_where(where: dict[str, Any] | None, all_rows: bool, op: str) -> None:
-    if where is None and not all_rows:
+    # An empty "and" is no condition at all.
+    if (where is None or where == {"and": []}) and not all_rows:
         raise bad_plan(
-            f"an {op} without a where clause touches every row; set all_rows to mean it",
+            f"{'an' if op == 'update' else 'a'} {op} without a where clause touches every row; "
+            "set all_rows to mean it",
             "where_required",
         )
 

@@ -1,13 +1,16 @@
 """Typed configuration: the document's shape, its sources and its validation.
 
 Sources, later winning: the file (YAML or JSON), then ``DBSIDECAR_*``
-environment variables (``__`` separates nested keys, values parse as YAML
-scalars: ``DBSIDECAR_DATABASES__ORDERS__POOL__MAX_SIZE=20``). A database entry
-takes our shape (``primary``/``replicas``) or the seed's (``write``/``read``).
+environment variables (``__`` separates nested keys; a value is text, converted
+where the key wants a number or a boolean, and parsed as YAML when it starts
+with ``[`` or ``{``: ``DBSIDECAR_DATABASES__ORDERS__POOL__MAX_SIZE=20``). A
+database entry takes our shape (``primary``/``replicas``) or the seed's
+(``write``/``read``).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -161,6 +164,14 @@ class Settings(_Section):
 
 def _seed_shape(name: str, entry: Any) -> Any:
     """Accept the seed design's ``driver``/``write``/``read`` database entries."""
+    if isinstance(entry, dict) and isinstance(entry.get("sharding"), dict):
+        sharding = entry["sharding"]
+        if isinstance(sharding.get("map"), dict):
+            # Keys are looked up as text; YAML reads `1: shard_a` with an int key.
+            entry = {
+                **entry,
+                "sharding": {**sharding, "map": {str(k): v for k, v in sharding["map"].items()}},
+            }
     if not isinstance(entry, dict) or not ({"write", "read", "driver"} & entry.keys()):
         return entry
     entry = dict(entry)
@@ -180,6 +191,8 @@ def _seed_shape(name: str, entry: Any) -> Any:
 
 
 def _check(settings: Settings) -> None:
+    if settings.auth_token == "":
+        raise ConfigError("auth_token: an empty token would let anyone in; leave it unset instead")
     if settings.listen.port is None and not settings.listen.uds:
         raise ConfigError("listen: give a port, a uds path or both")
     seen_nodes: set[str] = set()
@@ -217,7 +230,13 @@ def _check_sharding(where: str, sharding: ShardingSettings, names: list[str]) ->
                 f"{where}.sharding.bounds: range sharding over {len(names)} shards needs "
                 f"{len(names) - 1} ascending bounds"
             )
-        if any(b >= a for a, b in zip(bounds[1:], bounds, strict=False)):  # type: ignore[operator]
+        try:
+            ascending = all(a < b for a, b in itertools.pairwise(bounds))  # type: ignore[operator]
+        except TypeError:
+            raise ConfigError(
+                f"{where}.sharding.bounds: bounds must be all numbers or all text"
+            ) from None
+        if not ascending:
             raise ConfigError(f"{where}.sharding.bounds: bounds must be strictly ascending")
     elif fn == "map":
         if not sharding.map:
@@ -255,15 +274,19 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         path = key[len(ENV_PREFIX) :].lower().split("__")
         if path[0] not in top:
             continue
-        try:
-            value = yaml.safe_load(raw) if raw else None
-        except yaml.YAMLError:
-            value = raw
+        value: Any = raw
+        if raw.lstrip().startswith(("[", "{")):
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{key}: not valid YAML: {exc}") from None
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: conflicts with another DBSIDECAR_ variable")
+        if isinstance(node.get(path[-1]), dict):
+            raise ConfigError(f"{key}: conflicts with another DBSIDECAR_ variable")
         node[path[-1]] = value
     return out
 
@@ -281,10 +304,13 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
 
 def _convert(value: Any, typ: type[T], where: str) -> T:
     try:
-        return msgspec.convert(value, typ)
+        # strict=False: environment values are text; '8000' fills an int, 'true' a bool.
+        return msgspec.convert(value, typ, strict=False)
     except msgspec.ValidationError as exc:
         # msgspec says "... - at `$.pool.max_sise`"; name the key from the top.
         message = str(exc)
+        if " - at `" not in message:
+            message += " - at `$`"
         prefix = where + "." if where else ""
         message = message.replace("`$.", f"`{prefix}").replace(
             "`$`", f"`{where or 'the document'}`"
@@ -295,7 +321,8 @@ def _convert(value: Any, typ: type[T], where: str) -> T:
 def build_settings(document: Mapping[str, Any]) -> Settings:
     """Validate a merged document into Settings, or raise ConfigError naming the key."""
     doc = dict(document)
-    raw_dbs = doc.pop("databases", None) or {}
+    raw_dbs = doc.pop("databases", None)
+    raw_dbs = {} if raw_dbs is None else raw_dbs
     if not isinstance(raw_dbs, dict):
         raise ConfigError("`databases` must be a mapping of name -> database")
     # One database at a time, so an error names the database (msgspec cannot for dict keys).
