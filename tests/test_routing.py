@@ -128,7 +128,7 @@ def strict_sidecar(topology, workdir) -> AsyncIterator[SidecarProcess]:
     twin = dict(dbs["orders"]["replicas"][0], name="replica-twin/orders")
     dbs["orders"]["replicas"].append(twin)
     dbs["inventory"].update(max_replica_lag_bytes=1024, fallback_to_primary=False)
-    dbs["payments"]["read_default"] = "replica"
+    dbs["payments"].update(read_default="replica", max_replica_lag_seconds=0.5)
     proc = SidecarProcess(config, workdir, "strict")
     proc.start()
     yield proc
@@ -161,6 +161,16 @@ async def test_replica_beyond_the_lag_bound_is_skipped_or_refused(
     doc = await topology_doc(strict_sidecar)
     assert doc["routing"]["orders/fallback_primary"] >= 1
     assert doc["routing"]["inventory/refused"] >= 1
+    # The seconds bound: measured from WAL positions, it grows while replay stays paused.
+    payments = eventual(strict_sidecar, "strict-payments-lag", "payments")
+
+    async def too_old() -> bool:
+        state = await node_state(strict_sidecar, "payments", "replica/payments")
+        return (state["lag_seconds"] or 0) > 0.5
+
+    await eventually(too_old, 5, "the replica's lag to pass 0.5 s")
+    rows = await ActiveRecord.execute_raw("SELECT 1", writes=False, using=payments)
+    assert rows.served_by[0].role == "primary"
 
 
 async def test_round_robin_alternates_and_read_default_replica(strict_sidecar) -> None:
@@ -179,8 +189,13 @@ async def test_round_robin_alternates_and_read_default_replica(strict_sidecar) -
     assert set(served) == {"replica/orders", "replica-twin/orders"}
     assert all(a != b for a, b in itertools.pairwise(served))
     payments = eventual(strict_sidecar, "strict-payments", "payments")
-    rows = await ActiveRecord.execute_raw("SELECT 1", writes=False, using=payments)
-    assert rows.served_by[0].role == "replica"
+
+    async def default_is_replica() -> bool:
+        rows = await ActiveRecord.execute_raw("SELECT 1", writes=False, using=payments)
+        return rows.served_by[0].role == "replica"
+
+    # read_default: replica, once the replica is within 0.5 s again.
+    await eventually(default_is_replica, 10, "payments reads to go to the replica")
     plan = Raw(database="payments", sql="SELECT 1", writes=False, route=Route(role="primary"))
     assert (await payments.run(plan)).served_by[0].role == "primary"
 
