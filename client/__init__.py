@@ -44,6 +44,7 @@ from .fields import (
 from .model import ActiveRecord
 from .query import Query
 from .results import Rows
+from .transactions import Transaction
 from .values import Json
 
 __all__ = [
@@ -81,6 +82,7 @@ __all__ = [
     "TimeField",
     "Timeout",
     "TimestampField",
+    "Transaction",
     "UUIDField",
     "Unauthorized",
     "Unavailable",

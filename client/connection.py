@@ -19,6 +19,7 @@ import msgspec
 from .consistency import merge_tokens
 from .errors import DbSidecarError
 from .protocol import Batch, BatchResult, Plan, Result, plan_writes
+from .transactions import Transaction
 from .transport import Transport
 
 DEFAULT_URL = "http://127.0.0.1:7432"
@@ -51,7 +52,17 @@ class Database:
     def __repr__(self) -> str:
         return f"<Database {self.name!r} {self.database!r} via {self.transport.url}>"
 
-    def _observe(self, lsn: str | None) -> None:
+    @property
+    def home(self) -> Database:
+        """Where records read through this handle are written back."""
+        return self
+
+    def transaction(self, shard: str | int | None = None) -> Transaction:
+        """``async with db.transaction() as tx:`` — plans sent ``using(tx)`` run in it."""
+        return Transaction(self, shard)
+
+    def observe(self, lsn: str | None) -> None:
+        """Remember a write's consistency token (session consistency)."""
         if lsn and self.consistency == "session":
             self.token = merge_tokens(self.token, lsn)
 
@@ -72,19 +83,23 @@ class Database:
                 # Capped exponential backoff with full jitter.
                 await asyncio.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))
                 attempt += 1
-        self._observe(result.lsn)
+        self.observe(result.lsn)
         return result
 
     async def batch(self, plans: list[Plan]) -> BatchResult:
         """Plans in one transaction: all succeed or none does."""
         body = msgspec.json.encode(Batch(plans))
         result = await self.transport.request("POST", "/v1/batch", body, _batch_result)
-        self._observe(result.lsn)
+        self.observe(result.lsn)
         return result
 
     def derive(self, database: str) -> Database:
         """The same sidecar and settings for another logical database (or shard)."""
         return ConnectionManager.handle_for(self, database)
+
+
+# What using() accepts once resolved: a handle, or a transaction opened on one.
+Handle = Database | Transaction
 
 
 class ConnectionManager:
@@ -141,9 +156,10 @@ class ConnectionManager:
         return handle
 
     @classmethod
-    def resolve(cls, target: str | Database | None) -> Database:
-        """A handle for ``using()``: a handle, a handle's name, or a logical database name."""
-        if isinstance(target, Database):
+    def resolve(cls, target: str | Database | Transaction | None) -> Database | Transaction:
+        """A handle for ``using()``: a handle or transaction, a handle's name, or a logical
+        database name."""
+        if isinstance(target, Database | Transaction):
             return target
         if target is None:
             return cls.get("default")

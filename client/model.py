@@ -11,7 +11,7 @@ import datetime as dt
 import uuid
 from typing import Any, ClassVar, Self
 
-from .connection import ConnectionManager, Database
+from .connection import ConnectionManager, Handle
 from .errors import DbSidecarError, RecordNotFound
 from .fields import Field, PrimaryKeyField, TimestampField, UUIDField
 from .protocol import Delete, Insert, Raw, Route, ServedBy, Update
@@ -42,7 +42,7 @@ class ActiveRecord:
     def __init__(self, **values: Any) -> None:
         self._dirty: set[str] = set()
         self._persisted = False
-        self._db: Database | None = None
+        self._db: Handle | None = None
         self._served_by: list[ServedBy] = []
         unknown = set(values) - set(self._fields)
         if unknown:
@@ -74,7 +74,7 @@ class ActiveRecord:
         return field.to_wire(field.check(value))
 
     @classmethod
-    def _handle(cls, target: str | Database | None = None) -> Database:
+    def _handle(cls, target: str | Handle | None = None) -> Handle:
         return ConnectionManager.resolve(target if target is not None else cls.__database__)
 
     @classmethod
@@ -84,11 +84,11 @@ class ActiveRecord:
         return cls._pk
 
     @classmethod
-    def _from_row(cls, row: dict[str, Any], db: Database, served_by: list[ServedBy]) -> Self:
+    def _from_row(cls, row: dict[str, Any], db: Handle, served_by: list[ServedBy]) -> Self:
         obj = cls.__new__(cls)
         by_column = {f.column: f.name for f in cls._fields.values()}
         obj.__dict__.update({by_column.get(k, k): v for k, v in row.items()})
-        obj._dirty, obj._persisted, obj._db, obj._served_by = set(), True, db, served_by
+        obj._dirty, obj._persisted, obj._db, obj._served_by = set(), True, db.home, served_by
         return obj
 
     # Queries
@@ -101,17 +101,17 @@ class ActiveRecord:
         return Query(cls).where(cls._pk_field() == id_)
 
     @classmethod
-    async def get(cls, id_: Any, using: str | Database | None = None) -> Self:
+    async def get(cls, id_: Any, using: str | Handle | None = None) -> Self:
         query = cls.find_by_id(id_)
         return await (query.using(using) if using is not None else query).one()
 
     @classmethod
-    async def create(cls, using: str | Database | None = None, **values: Any) -> Self:
+    async def create(cls, using: str | Handle | None = None, **values: Any) -> Self:
         return await cls(**values).save(using=using)
 
     @classmethod
     async def insert_many(
-        cls, records: list[Self], using: str | Database | None = None
+        cls, records: list[Self], using: str | Handle | None = None
     ) -> list[Self]:
         """Insert several records in one plan (one statement, or one per shard)."""
         if not records:
@@ -135,7 +135,7 @@ class ActiveRecord:
         sql: str,
         *params: Any,
         writes: bool = True,
-        using: str | Database | None = None,
+        using: str | Handle | None = None,
         replica: bool = False,
     ) -> Rows:
         """SQL text with $1.. parameters; say ``writes=False`` for a read (it then runs
@@ -181,11 +181,11 @@ class ActiveRecord:
             row[field.column] = field.to_wire(field.check(value))
         return row
 
-    def _loaded(self, row: dict[str, Any], db: Database, served_by: list[ServedBy]) -> None:
+    def _loaded(self, row: dict[str, Any], db: Handle, served_by: list[ServedBy]) -> None:
         by_column = {f.column: f.name for f in self._fields.values()}
         for column, value in row.items():
             self.__dict__[by_column.get(column, column)] = value
-        self._dirty, self._persisted, self._db, self._served_by = set(), True, db, served_by
+        self._dirty, self._persisted, self._db, self._served_by = set(), True, db.home, served_by
 
     def _pk_condition(self) -> dict[str, Any]:
         pk = self._pk_field()
@@ -196,7 +196,7 @@ class ActiveRecord:
             )
         return {"col": pk.column, "op": "=", "value": pk.to_wire(value)}
 
-    async def save(self, using: str | Database | None = None) -> Self:
+    async def save(self, using: str | Handle | None = None) -> Self:
         """Insert a new record (filling generated columns) or update changed fields."""
         db = self._db if using is None and self._db is not None else self._handle(using)
         if not self._persisted:
@@ -237,8 +237,8 @@ class ActiveRecord:
             setattr(self, name, value)
         return await self.save()
 
-    async def delete(self) -> None:
-        db = self._db or self._handle()
+    async def delete(self, using: str | Handle | None = None) -> None:
+        db = self._handle(using) if using is not None else (self._db or self._handle())
         plan = Delete(database=db.database, table=self.__tablename__, where=self._pk_condition())
         await db.run(plan)
         self._persisted = False

@@ -161,6 +161,11 @@ class TxOpened(msgspec.Struct):
     id: str
 
 
+class TxDone(msgspec.Struct, omit_defaults=True):
+    # After a commit that wrote: the consistency token.
+    lsn: str | None = None
+
+
 class ErrorBody(msgspec.Struct, omit_defaults=True):
     code: str
     message: str

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .connection import Database
+from .connection import Handle
 from .errors import RecordNotFound
 from .expressions import And, Expr
 from .fields import Field
@@ -42,7 +42,7 @@ class Query(Generic[M]):
         self._columns: list[str] | None = None
         self._limit: int | None = None
         self._offset: int | None = None
-        self._target: str | Database | None = None
+        self._target: str | Handle | None = None
         self._role: str | None = None
         self._shard: str | int | None = None
 
@@ -98,7 +98,7 @@ class Query(Generic[M]):
         clone._offset = n
         return clone
 
-    def using(self, target: str | Database) -> Query[M]:
+    def using(self, target: str | Handle) -> Query[M]:
         """A handle, a handle's name, a logical database or a shard name (``'user_shard_2'``)."""
         clone = self._copy()
         clone._target = target
@@ -126,7 +126,7 @@ class Query(Generic[M]):
         return clone
 
     # Plan building
-    def handle(self) -> Database:
+    def handle(self) -> Handle:
         return self.model._handle(self._target)
 
     def _where_wire(self) -> dict[str, Any] | None:
@@ -139,7 +139,7 @@ class Query(Generic[M]):
     def _route(self) -> Route:
         return Route(role=self._role, shard=self._shard)  # type: ignore[arg-type]
 
-    def select_plan(self, db: Database, limit: int | None = None) -> Select:
+    def select_plan(self, db: Handle, limit: int | None = None) -> Select:
         return Select(
             database=db.database,
             table=self.model.__tablename__,

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from client.protocol import Batch, ErrorEnvelope, Plan
+from client.protocol import Batch, ErrorEnvelope, Plan, TxBegin, TxDone, TxOpened
 
 from .errors import SidecarError
 from .openapi import openapi_document
@@ -23,6 +23,7 @@ JSON = "application/json"
 _encoder = msgspec.json.Encoder(enc_hook=str)
 _plan_decoder = msgspec.json.Decoder(Plan)
 _batch_decoder = msgspec.json.Decoder(Batch)
+_begin_decoder = msgspec.json.Decoder(TxBegin)
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -87,6 +88,26 @@ async def batch(request: Request, state: SidecarState) -> Response:
     return json_response(await state.dispatcher.run_batch(body.plans))
 
 
+async def tx_begin(request: Request, state: SidecarState) -> Response:
+    body = _decode(_begin_decoder, await _body(request, state))
+    tx_id = await state.transactions.begin(body.database, body.route.shard)
+    return json_response(TxOpened(tx_id))
+
+
+async def tx_run(request: Request, state: SidecarState) -> Response:
+    plan = _decode(_plan_decoder, await _body(request, state))
+    return json_response(await state.transactions.run(request.path_params["tx_id"], plan))
+
+
+async def tx_commit(request: Request, state: SidecarState) -> Response:
+    return json_response(TxDone(await state.transactions.commit(request.path_params["tx_id"])))
+
+
+async def tx_rollback(request: Request, state: SidecarState) -> Response:
+    await state.transactions.rollback(request.path_params["tx_id"])
+    return json_response(TxDone())
+
+
 async def topology(request: Request, state: SidecarState) -> Response:
     return json_response(topology_document(state))
 
@@ -107,6 +128,10 @@ def data_app(state: SidecarState) -> Starlette:
         routes=[
             Route("/v1/query", _endpoint(query), methods=["POST"]),
             Route("/v1/batch", _endpoint(batch), methods=["POST"]),
+            Route("/v1/tx", _endpoint(tx_begin), methods=["POST"]),
+            Route("/v1/tx/{tx_id}", _endpoint(tx_run), methods=["POST"]),
+            Route("/v1/tx/{tx_id}/commit", _endpoint(tx_commit), methods=["POST"]),
+            Route("/v1/tx/{tx_id}/rollback", _endpoint(tx_rollback), methods=["POST"]),
             Route("/v1/topology", _endpoint(topology), methods=["GET"]),
             Route("/openapi.json", _endpoint(openapi), methods=["GET"]),
             Route("/quitquitquit", _endpoint(quit), methods=["POST"]),

@@ -26,6 +26,7 @@ from .ops import ops_app
 from .settings import Settings
 from .state import SidecarState
 from .topology import build, open_pools
+from .transactions import Transactions
 
 log = logging.getLogger("dbsidecar")
 
@@ -73,7 +74,9 @@ async def serve(settings: Settings, announce: Callable[[str], None] = print) -> 
     began = time.monotonic()
     topology = build(settings)
     prober = Prober(topology, settings.health)
-    state = SidecarState(settings, topology, Dispatcher(topology, settings), prober)
+    dispatcher = Dispatcher(topology, settings)
+    transactions = Transactions(dispatcher, settings.transactions)
+    state = SidecarState(settings, topology, dispatcher, prober, transactions)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,6 +89,7 @@ async def serve(settings: Settings, announce: Callable[[str], None] = print) -> 
         tasks.append(asyncio.create_task(ops.serve()))
         await open_pools(topology)
         await prober.start()
+        transactions.start()
         tasks += [asyncio.create_task(s.serve()) for s in data]
         while not all(s.started for s in [*data, ops]):
             if any(t.done() for t in tasks):
@@ -103,6 +107,7 @@ async def serve(settings: Settings, announce: Callable[[str], None] = print) -> 
         )
         await stop.wait()
         state.draining = True
+        transactions.accepting = False
         announce(f"dbsidecar draining {state.inflight} in-flight requests")
         if not await state.drained(settings.shutdown.drain_timeout):
             log.warning("drain deadline passed with %d requests in flight", state.inflight)
@@ -110,6 +115,7 @@ async def serve(settings: Settings, announce: Callable[[str], None] = print) -> 
         for server in [*data, ops]:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
+        await transactions.close()
         await prober.stop()
         await topology.close()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -143,10 +143,10 @@ async def execute(
                 async with conn.transaction(readonly=readonly):
                     for compiled in statements:
                         parts = await run_statement(conn, compiled)
-                        outcomes.append(_outcome(parts, node, role, shard))
+                        outcomes.append(make_outcome(parts, node, role, shard))
             else:
                 outcomes.append(
-                    _outcome(await run_statement(conn, statements[0]), node, role, shard)
+                    make_outcome(await run_statement(conn, statements[0]), node, role, shard)
                 )
             if writes:
                 lsn = await conn.fetchval(LSN_SQL)
@@ -163,7 +163,7 @@ async def execute(
         return outcomes
 
 
-def _outcome(
+def make_outcome(
     parts: tuple[list[str], list[str | None], list[tuple[Any, ...]], int],
     node: Node,
     role: str,

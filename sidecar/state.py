@@ -11,6 +11,7 @@ from .dispatch import Dispatcher
 from .health import Prober
 from .settings import Settings
 from .topology import Topology
+from .transactions import Transactions
 
 
 @dataclass(eq=False)
@@ -19,6 +20,7 @@ class SidecarState:
     topology: Topology
     dispatcher: Dispatcher
     prober: Prober
+    transactions: Transactions
     # Configuration loaded, pools created, data listener accepting.
     started: bool = False
     # SIGTERM or /quitquitquit: readiness is 503, in-flight work drains.
