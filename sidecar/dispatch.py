@@ -9,7 +9,7 @@ is split per shard (one transaction per shard).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 import msgspec
 
@@ -33,7 +33,7 @@ from .errors import SidecarError, bad_plan
 from .executor import Outcome, execute, to_result
 from .router import Router
 from .settings import Settings
-from .topology import Database, Shard, Topology
+from .topology import Database, Node, Shard, Topology
 
 
 def _token(db: Database, outcomes: Sequence[Outcome]) -> str | None:
@@ -123,21 +123,39 @@ class Dispatcher:
             if count:
                 self.router.count(db, "primary")
         else:
-            replica = (plan.route.role or db.settings.read_default) == "replica"
-            choice = await self.router.choose(
-                db, shard, replica=replica, after=_after(db, shard, plan.route.after), count=count
+            node, role = await self._read_node(db, shard, plan, count)
+
+        def run_on(node: Node, role: str) -> Awaitable[list[Outcome]]:
+            return execute(
+                node,
+                role,
+                shard.name,
+                [compiled],
+                writes=writes,
+                transaction=False,
+                readonly=isinstance(plan, Raw) and not writes,
+                acquire_timeout=db.settings.pool.acquire_timeout,
             )
-            node, role = choice.node, choice.role
-        return await execute(
-            node,
-            role,
-            shard.name,
-            [compiled],
-            writes=writes,
-            transaction=False,
-            readonly=isinstance(plan, Raw) and not writes,
-            acquire_timeout=db.settings.pool.acquire_timeout,
-        )
+
+        try:
+            return await run_on(node, role)
+        except SidecarError as exc:
+            # A read whose node failed is tried once more on another eligible node (the
+            # failed one is marked down by now). A write never is: it may have committed.
+            if writes or exc.code != "node_unavailable":
+                raise
+            again, again_role = await self._read_node(db, shard, plan, count=False)
+            if again is node:
+                raise
+            return await run_on(again, again_role)
+
+    async def _read_node(
+        self, db: Database, shard: Shard, plan: Plan, count: bool
+    ) -> tuple[Node, str]:
+        replica = (plan.route.role or db.settings.read_default) == "replica"
+        after = _after(db, shard, plan.route.after)
+        choice = await self.router.choose(db, shard, replica=replica, after=after, count=count)
+        return choice.node, choice.role
 
     async def _gather(self, db: Database, plan: Plan, shards: list[Shard]) -> list[Outcome]:
         groups = await asyncio.gather(

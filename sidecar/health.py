@@ -96,6 +96,7 @@ class Prober:
                         if not node.up and oks >= cfg.success_threshold:
                             node.mark(True)
                             log.warning("node %s of %s is up again", node.name, db.name)
+                            _check_split_brain(shard)
                         node.last_error = None
                     else:
                         fails, oks = fails + 1, 0
@@ -103,6 +104,7 @@ class Prober:
                         if node.up and (fails >= cfg.failure_threshold or not first.done()):
                             node.mark(False, error)
                             log.warning("node %s of %s is down: %s", node.name, db.name, error)
+                            _check_split_brain(shard)
                 if not first.done():
                     first.set_result(None)
                 await asyncio.sleep(max(0.0, cfg.position_interval - (time.monotonic() - started)))
@@ -117,27 +119,52 @@ class Prober:
             log.warning(
                 "node %s now reports %s", node.name, "recovery" if in_recovery else "primary role"
             )
+            if not in_recovery:
+                # A promotion: whoever was primary before must not take writes again.
+                for other in shard.nodes:
+                    if other is not node and not other.fenced:
+                        other.fenced = True
+                        log.warning("node %s fenced after %s was promoted", other.name, node.name)
+        if in_recovery and node.fenced:
+            node.fenced = False  # it rejoined as a replica
+            log.warning("node %s rejoined as a replica", node.name)
         node.in_recovery = in_recovery
         previous = node.lsn
         node.lsn, node.lsn_at = lsn, now
         if (
-            not in_recovery
+            node is shard.lag_reference()
             and lsn is not None
             and (not shard.history or shard.history[-1][1] != lsn)
         ):
             shard.history.append((now, lsn))
         _update_lag(shard, now)
+        _check_split_brain(shard)
         if in_recovery and lsn is not None and (previous is None or lsn > previous):
             shard.notify_advanced()
 
 
+def _check_split_brain(shard: Shard) -> None:
+    primaries = shard.reporting_primary()
+    if len(primaries) > 1 and not shard.split_brain:
+        shard.split_brain = True
+        shard.split_brain_events += 1
+        log.error(
+            "split brain in %s: %s all report being primary; refusing writes",
+            shard.name or primaries[0].database,
+            ", ".join(n.name for n in primaries),
+        )
+    elif len(primaries) <= 1 and shard.split_brain:
+        shard.split_brain = False
+        log.warning("split brain in %s is over", shard.name or shard.primary.database)
+
+
 def _update_lag(shard: Shard, now: float) -> None:
-    primary = shard.primary
-    if primary.lsn is None or primary.in_recovery:
+    primary = shard.lag_reference()
+    if primary is None or primary.lsn is None:
         return
     positions = []
-    for replica in shard.replicas:
-        if replica.lsn is None:
+    for replica in shard.nodes:
+        if replica.lsn is None or not replica.in_recovery:
             continue
         positions.append(replica.lsn)
         replica.lag_bytes = max(0, primary.lsn - replica.lsn)

@@ -37,24 +37,57 @@ class Router:
         self.decisions[(db.name, decision)] += 1
 
     def writer(self, db: Database, shard: Shard) -> Node:
-        """The node that takes writes for a shard: never one known to be in recovery."""
-        node = shard.primary
-        if node.in_recovery:
+        """The node that takes writes for a shard.
+
+        The one node that reports being a primary (a promoted replica included), or,
+        before any probe answered, the configured primary. Never a node in recovery,
+        never one fenced by a failover, and nobody while two nodes claim the role.
+        """
+        where = shard.name or db.name
+        primaries = shard.reporting_primary()
+        if len(primaries) > 1:
+            self.count(db, "refused")
+            names = ", ".join(n.name for n in primaries)
+            raise SidecarError(
+                503,
+                "split_brain",
+                f"{where}: {names} all report being primary; writes wait until one remains",
+                retryable=True,
+            )
+        if primaries:
+            node = primaries[0]
+        else:
+            node = shard.primary
+            if not node.up or node.in_recovery is not None:
+                self.count(db, "refused")
+                raise SidecarError(
+                    503, "no_primary", f"{where} has no reachable primary", retryable=True
+                )
+        if node.fenced:
             self.count(db, "refused")
             raise SidecarError(
                 503,
                 "no_primary",
-                f"the primary of {shard.name or db.name} ({node.name}) is in recovery",
+                f"{where}: {node.name} came back as primary after a failover and is not trusted",
                 retryable=True,
             )
         return node
+
+    def primary_for_read(self, db: Database, shard: Shard) -> Node:
+        """Like :meth:`writer`, but reads carry on through a split brain, on the node a
+        failover made primary."""
+        primaries = shard.reporting_primary()
+        if len(primaries) > 1:
+            trusted = [n for n in primaries if not n.fenced]
+            return (trusted or primaries)[0]
+        return self.writer(db, shard)
 
     async def choose(
         self, db: Database, shard: Shard, *, replica: bool, after: int | None, count: bool = True
     ) -> Choice:
         """The node for a read on one shard; ``after`` is a WAL position to observe."""
         if not replica:
-            choice = Choice(self.writer(db, shard), "primary", "primary")
+            choice = Choice(self.primary_for_read(db, shard), "primary", "primary")
         else:
             choice = await self._replica(db, shard, after)
         if count:
@@ -77,7 +110,7 @@ class Router:
                     n for n in self._candidates(db, shard) if n.lsn is not None and n.lsn >= after
                 ]
             if not caught_up:
-                return Choice(self.writer(db, shard), "primary", "ryw_primary")
+                return Choice(self.primary_for_read(db, shard), "primary", "ryw_primary")
             candidates = caught_up
         if not candidates:
             if not cfg.fallback_to_primary:
@@ -88,14 +121,15 @@ class Router:
                     f"no healthy replica of {shard.name or db.name} within the lag bound",
                     retryable=True,
                 )
-            return Choice(self.writer(db, shard), "primary", "fallback_primary")
+            return Choice(self.primary_for_read(db, shard), "primary", "fallback_primary")
         return Choice(self._pick(cfg.replica_strategy, shard, candidates), "replica", "replica")
 
     @staticmethod
     def _candidates(db: Database, shard: Shard) -> list[Node]:
         cfg = db.settings
         out = []
-        for node in shard.replicas:
+        # Any node in recovery serves reads: an old primary that rejoined as a replica too.
+        for node in shard.nodes:
             if not node.up or node.in_recovery is not True:
                 continue
             if cfg.max_replica_lag_bytes is not None and (

@@ -42,6 +42,9 @@ class Node:
     since: float = field(default_factory=time.time)
     # Connections checked out by requests right now (least_busy).
     busy: int = 0
+    # Set when another node of its shard was promoted: a primary that comes back
+    # after a failover is never trusted with writes until it rejoins as a replica.
+    fenced: bool = False
 
     def mark(self, up: bool, error: str | None = None) -> bool:
         """Set up/down; True when that changed."""
@@ -65,9 +68,22 @@ class Shard:
     # Set and replaced whenever a replica position advances (read-your-writes waits on it).
     advanced: asyncio.Event = field(default_factory=asyncio.Event)
 
+    # True while more than one node of the shard reports being a primary.
+    split_brain: bool = False
+    split_brain_events: int = 0
+
     @property
     def nodes(self) -> list[Node]:
         return [self.primary, *self.replicas]
+
+    def reporting_primary(self) -> list[Node]:
+        """Nodes that are up and say they are not in recovery."""
+        return [n for n in self.nodes if n.up and n.in_recovery is False]
+
+    def lag_reference(self) -> Node | None:
+        """The node whose WAL position replicas are measured against."""
+        trusted = [n for n in self.reporting_primary() if not n.fenced]
+        return trusted[0] if len(trusted) == 1 else None
 
     def notify_advanced(self) -> None:
         event, self.advanced = self.advanced, asyncio.Event()
