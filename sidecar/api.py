@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from .state import SidecarState
 from .topology_view import topology_document
 
 JSON = "application/json"
+log = logging.getLogger("dbsidecar.api")
 _encoder = msgspec.json.Encoder(enc_hook=str)
 _plan_decoder = msgspec.json.Decoder(Plan)
 _batch_decoder = msgspec.json.Decoder(Batch)
@@ -54,6 +56,11 @@ def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             return await handler(request, state)
         except SidecarError as exc:
             return error_response(exc)
+        except Exception:
+            log.exception("unexpected error serving %s", request.url.path)
+            return error_response(
+                SidecarError(500, "internal", "internal error in the sidecar; see its log")
+            )
         finally:
             state.request_finished()
 

@@ -6,6 +6,7 @@ consistency token later reads pass back for read-your-writes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from client.protocol import Result, ServedBy
 from .compiler import Compiled, Statement
 from .errors import SidecarError, from_exception, is_connection_error
 from .topology import Node
+
+log = logging.getLogger("dbsidecar.executor")
 
 # The insert position, not the write position: with synchronous_commit off the
 # commit record may still sit in WAL buffers, past pg_current_wal_lsn().
@@ -102,7 +105,17 @@ async def connection(node: Node, acquire_timeout: float) -> AsyncIterator[asyncp
         yield conn
     finally:
         node.busy -= 1
+        await release(node, conn)
+
+
+async def release(node: Node, conn: asyncpg.Connection) -> None:
+    """Hand a connection back; one that broke is closed by asyncpg, never an error here."""
+    assert node.pool is not None
+    try:
         await node.pool.release(conn)
+    except Exception as exc:
+        if not is_connection_error(exc):
+            log.warning("releasing a connection to %s failed: %s", node.name, exc)
 
 
 async def run_statement(conn: asyncpg.Connection, compiled: Compiled) -> tuple[

@@ -45,6 +45,7 @@ async def create_pool(
         max_size=settings.max_size,
         max_inactive_connection_lifetime=settings.max_inactive_connection_lifetime,
         init=_setup_connection,
+        timeout=settings.connect_timeout,
         server_settings={
             "application_name": "dbsidecar",
             "statement_timeout": str(int(settings.statement_timeout * 1000)),

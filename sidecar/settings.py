@@ -71,6 +71,8 @@ class PoolSettings(_Section):
     max_size: int = 10
     # Seconds to wait for a free connection before answering 503 pool_timeout.
     acquire_timeout: float = 5.0
+    # Seconds a new connection may take (a node that accepts TCP and never answers).
+    connect_timeout: float = 5.0
     # Seconds a statement may run before PostgreSQL cancels it (504).
     statement_timeout: float = 30.0
     max_inactive_connection_lifetime: float = 300.0

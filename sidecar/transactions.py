@@ -24,7 +24,7 @@ from client.protocol import Plan, Result
 from . import sharding
 from .dispatch import Dispatcher
 from .errors import SidecarError, bad_plan, from_exception, is_connection_error
-from .executor import LSN_SQL, make_outcome, run_statement, to_result
+from .executor import LSN_SQL, make_outcome, release, run_statement, to_result
 from .settings import TransactionSettings
 from .topology import Database, Node, Shard
 
@@ -92,7 +92,7 @@ class Transactions:
             pg_tx = conn.transaction()
             await pg_tx.start()
         except Exception as exc:
-            await node.pool.release(conn)
+            await release(node, conn)
             raise from_exception(exc, writes=False) from exc
         node.busy += 1
         tx.shard, tx.node, tx.conn, tx.tx = shard, node, conn, pg_tx
@@ -189,7 +189,7 @@ class Transactions:
         node.busy -= 1
         if broken:
             conn.terminate()
-        await node.pool.release(conn)
+        await release(node, conn)
 
     async def _reap(self) -> None:
         while True:

@@ -1,0 +1,218 @@
+"""The ways the client reaches PostgreSQL, each able to run every workload's operation.
+
+A variant is opened for one repetition (pools / HTTP sessions created, not measured) and
+closed after it, so at most one variant's direct connections exist at a time.
+
+Direct variants (asyncpg, asyncpg-default-reset, pgbouncer) use one pool of 10 for
+``orders`` and one per user shard; their scatter-gather is 4 concurrent queries on the 4
+shard pools merged in Python, the same work the sidecar does for the client. Sidecar
+variants use :class:`client.connection.Database` (eventual consistency) and decode result
+values as the model layer does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any, Protocol
+
+import asyncpg
+
+from client.connection import Database
+from client.protocol import Count, Insert, OrderBy, Result, Select, Update
+from client.transport import Transport
+from client.values import encode_value, row_converters
+from sidecar.dev import USER_SHARDS
+
+from .stack import POOL_SIZE
+
+SHARDS = len(USER_SHARDS)
+ORDER_COLUMNS = ["id", "user_id", "status", "amount"]
+USER_COLUMNS = ["id", "name", "score"]
+TOP_N = 20
+AMOUNT = Decimal("12.50")
+
+POINT_SQL = "SELECT id, user_id, status, amount FROM orders WHERE id = $1"
+INSERT_SQL = "INSERT INTO orders (user_id, status, amount) VALUES ($1, $2, $3)"
+UPDATE_SQL = "UPDATE orders SET status = $1 WHERE id = $2"
+COUNT_SQL = "SELECT count(*) FROM users"
+TOP_SQL = f"SELECT id, name, score FROM users ORDER BY score DESC, id LIMIT {TOP_N}"
+USER_SQL = "SELECT id, name, score FROM users WHERE id = $1"
+
+
+class Variant(Protocol):
+    name: str
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def point_read(self, key: int) -> Any: ...
+    async def insert(self, user_id: int) -> Any: ...
+    async def transaction(self, key: int, user_id: int) -> Any: ...
+    async def scatter_count(self) -> int: ...
+    async def scatter_top(self) -> list[Any]: ...
+    async def shard_read(self, key: int) -> Any: ...
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Leave the session as it is on release (the pool's callers always end their work)."""
+
+
+class DirectVariant:
+    """asyncpg pools of 10 straight to PostgreSQL, or to pgbouncer."""
+
+    def __init__(
+        self,
+        name: str,
+        dsn: Callable[[str], str],
+        *,
+        default_reset: bool = False,
+        statement_cache: bool = True,
+    ) -> None:
+        self.name = name
+        self.dsn = dsn
+        self.default_reset = default_reset
+        self.statement_cache = statement_cache
+        self.orders: asyncpg.Pool | None = None
+        self.shards: list[asyncpg.Pool] = []
+
+    async def _pool(self, db: str) -> asyncpg.Pool:
+        kwargs: dict[str, Any] = {}
+        if not self.default_reset:
+            kwargs["reset"] = _no_reset
+        if not self.statement_cache:
+            # pgbouncer in transaction mode: no named prepared statements across transactions.
+            kwargs["statement_cache_size"] = 0
+        pool = await asyncpg.create_pool(
+            self.dsn(db), min_size=POOL_SIZE, max_size=POOL_SIZE, **kwargs
+        )
+        assert pool is not None
+        return pool
+
+    async def open(self) -> None:
+        pools = await asyncio.gather(*(self._pool(db) for db in ["orders", *USER_SHARDS]))
+        self.orders, self.shards = pools[0], list(pools[1:])
+
+    async def close(self) -> None:
+        pools = [p for p in [self.orders, *self.shards] if p is not None]
+        self.orders, self.shards = None, []
+        await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
+
+    def _orders(self) -> asyncpg.Pool:
+        assert self.orders is not None, "variant not open"
+        return self.orders
+
+    async def point_read(self, key: int) -> Any:
+        return await self._orders().fetch(POINT_SQL, key)
+
+    async def insert(self, user_id: int) -> Any:
+        return await self._orders().execute(INSERT_SQL, user_id, "new", AMOUNT)
+
+    async def transaction(self, key: int, user_id: int) -> Any:
+        async with self._orders().acquire() as conn, conn.transaction():
+            row = await conn.fetch(POINT_SQL, key)
+            await conn.execute(UPDATE_SQL, "paid", key)
+            await conn.execute(INSERT_SQL, user_id, "new", AMOUNT)
+            return row
+
+    async def scatter_count(self) -> int:
+        counts = await asyncio.gather(*(p.fetchval(COUNT_SQL) for p in self.shards))
+        return sum(counts)
+
+    async def scatter_top(self) -> list[Any]:
+        parts = await asyncio.gather(*(p.fetch(TOP_SQL) for p in self.shards))
+        merged = heapq.merge(*parts, key=lambda r: (-r["score"], r["id"]))
+        return list(itertools.islice(merged, TOP_N))
+
+    async def shard_read(self, key: int) -> Any:
+        return await self.shards[key % SHARDS].fetch(USER_SQL, key)
+
+
+def _rows(result: Result) -> list[list[Any]]:
+    """Result values back to Python (Decimal, ...), as the model layer does."""
+    converters = row_converters(result.types)
+    if not any(converters):
+        return result.rows
+    return [
+        [v if c is None else c(v) for v, c in zip(row, converters, strict=True)]
+        for row in result.rows
+    ]
+
+
+def _eq(col: str, value: Any) -> dict[str, Any]:
+    return {"col": col, "op": "=", "value": value}
+
+
+class SidecarVariant:
+    """client.connection.Database through the sidecar, over TCP or a Unix socket."""
+
+    def __init__(self, name: str, url: str) -> None:
+        self.name = name
+        self.url = url
+        self.transport: Transport | None = None
+        self.orders: Database | None = None
+        self.users: Database | None = None
+
+    async def open(self) -> None:
+        self.transport = Transport(self.url)
+        self.orders = Database(
+            "bench", transport=self.transport, database="orders", consistency="eventual"
+        )
+        self.users = Database(
+            "bench-users", transport=self.transport, database="users", consistency="eventual"
+        )
+
+    async def close(self) -> None:
+        if self.transport is not None:
+            await self.transport.close()
+        self.transport = self.orders = self.users = None
+
+    def _db(self, users: bool = False) -> Database:
+        db = self.users if users else self.orders
+        assert db is not None, "variant not open"
+        return db
+
+    def _insert(self, user_id: int) -> Insert:
+        row = {"user_id": user_id, "status": "new", "amount": encode_value(AMOUNT)}
+        return Insert(database="orders", table="orders", rows=[row])
+
+    def _point(self, key: int) -> Select:
+        return Select(
+            database="orders", table="orders", columns=ORDER_COLUMNS, where=_eq("id", key)
+        )
+
+    async def point_read(self, key: int) -> Any:
+        return _rows(await self._db().run(self._point(key)))
+
+    async def insert(self, user_id: int) -> Any:
+        return (await self._db().run(self._insert(user_id))).rowcount
+
+    async def transaction(self, key: int, user_id: int) -> Any:
+        async with self._db().transaction() as tx:
+            rows = _rows(await tx.run(self._point(key)))
+            update = Update(
+                database="orders", table="orders", values={"status": "paid"}, where=_eq("id", key)
+            )
+            await tx.run(update)
+            await tx.run(self._insert(user_id))
+            return rows
+
+    async def scatter_count(self) -> int:
+        result = await self._db(users=True).run(Count(database="users", table="users"))
+        return int(result.rows[0][0])
+
+    async def scatter_top(self) -> list[Any]:
+        plan = Select(
+            database="users",
+            table="users",
+            columns=USER_COLUMNS,
+            order_by=[OrderBy("score", desc=True), OrderBy("id")],
+            limit=TOP_N,
+        )
+        return _rows(await self._db(users=True).run(plan))
+
+    async def shard_read(self, key: int) -> Any:
+        plan = Select(database="users", table="users", columns=USER_COLUMNS, where=_eq("id", key))
+        return _rows(await self._db(users=True).run(plan))
