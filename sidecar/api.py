@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,6 +18,7 @@ from starlette.routing import Route
 
 from client.protocol import Batch, ErrorEnvelope, Plan, TxBegin, TxDone, TxOpened
 
+from . import logs, metrics
 from .errors import SidecarError
 from .openapi import openapi_document
 from .state import SidecarState
@@ -22,6 +26,7 @@ from .topology_view import topology_document
 
 JSON = "application/json"
 log = logging.getLogger("dbsidecar.api")
+access = logging.getLogger("dbsidecar.access")
 _encoder = msgspec.json.Encoder(enc_hook=str)
 _plan_decoder = msgspec.json.Decoder(Plan)
 _batch_decoder = msgspec.json.Decoder(Batch)
@@ -37,34 +42,60 @@ def error_response(exc: SidecarError) -> Response:
 
 
 Handler = Callable[[Request, SidecarState], Awaitable[Response]]
+_REQUEST_ID = re.compile(r"[\w.:/+=-]{1,128}")
 
 
-def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-    """Auth, body limits and the JSON error model around a handler."""
+def _endpoint(handler: Handler, name: str) -> Callable[[Request], Awaitable[Response]]:
+    """Auth, request ids, metrics, the access log and the JSON error model around a handler."""
 
     async def endpoint(request: Request) -> Response:
         state: SidecarState = request.app.state.sidecar
-        token = state.settings.auth_token
-        if token is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return error_response(
-                    SidecarError(401, "unauthorized", "missing or wrong bearer token")
-                )
+        given_id = request.headers.get("x-request-id", "")
+        rid = given_id if _REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
+        token = logs.request_id.set(rid)
+        began = time.perf_counter()
         state.request_started()
         try:
-            return await handler(request, state)
-        except SidecarError as exc:
-            return error_response(exc)
-        except Exception:
-            log.exception("unexpected error serving %s", request.url.path)
-            return error_response(
-                SidecarError(500, "internal", "internal error in the sidecar; see its log")
-            )
+            response = await _guarded(handler, request, state)
         finally:
             state.request_finished()
+            logs.request_id.reset(token)
+        elapsed = time.perf_counter() - began
+        metrics.requests_total.labels(name, str(response.status_code)).inc()
+        metrics.request_duration.labels(name).observe(elapsed)
+        response.headers["x-request-id"] = rid
+        if state.settings.logging.access_log:
+            access.info(
+                "request",
+                extra={
+                    "request_id": rid,
+                    "method": request.method,
+                    "endpoint": name,
+                    "status": response.status_code,
+                    "duration_ms": round(elapsed * 1000, 3),
+                },
+            )
+        return response
 
     return endpoint
+
+
+async def _guarded(handler: Handler, request: Request, state: SidecarState) -> Response:
+    token = state.settings.auth_token
+    if token is not None:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            refused = SidecarError(401, "unauthorized", "missing or wrong bearer token")
+            return error_response(refused)
+    try:
+        return await handler(request, state)
+    except SidecarError as exc:
+        return error_response(exc)
+    except Exception:
+        log.exception("unexpected error serving %s", request.url.path)
+        return error_response(
+            SidecarError(500, "internal", "internal error in the sidecar; see its log")
+        )
 
 
 async def _body(request: Request, state: SidecarState) -> bytes:
@@ -130,18 +161,22 @@ async def quit(request: Request, state: SidecarState) -> Response:
     return json_response({"status": "draining"})
 
 
+def _route(path: str, handler: Handler, method: str = "POST") -> Route:
+    return Route(path, _endpoint(handler, path), methods=[method])
+
+
 def data_app(state: SidecarState) -> Starlette:
     app = Starlette(
         routes=[
-            Route("/v1/query", _endpoint(query), methods=["POST"]),
-            Route("/v1/batch", _endpoint(batch), methods=["POST"]),
-            Route("/v1/tx", _endpoint(tx_begin), methods=["POST"]),
-            Route("/v1/tx/{tx_id}", _endpoint(tx_run), methods=["POST"]),
-            Route("/v1/tx/{tx_id}/commit", _endpoint(tx_commit), methods=["POST"]),
-            Route("/v1/tx/{tx_id}/rollback", _endpoint(tx_rollback), methods=["POST"]),
-            Route("/v1/topology", _endpoint(topology), methods=["GET"]),
-            Route("/openapi.json", _endpoint(openapi), methods=["GET"]),
-            Route("/quitquitquit", _endpoint(quit), methods=["POST"]),
+            _route("/v1/query", query),
+            _route("/v1/batch", batch),
+            _route("/v1/tx", tx_begin),
+            _route("/v1/tx/{tx_id}", tx_run),
+            _route("/v1/tx/{tx_id}/commit", tx_commit),
+            _route("/v1/tx/{tx_id}/rollback", tx_rollback),
+            _route("/v1/topology", topology, "GET"),
+            _route("/openapi.json", openapi, "GET"),
+            _route("/quitquitquit", quit),
         ]
     )
     app.state.sidecar = state

@@ -15,15 +15,17 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import uvicorn
 from starlette.applications import Starlette
 
+from . import logs, metrics
 from .api import data_app
 from .dispatch import Dispatcher
 from .health import Prober
 from .ops import ops_app
-from .settings import Settings
+from .settings import ConfigError, Settings
 from .state import SidecarState
 from .topology import build, open_pools
 from .transactions import Transactions
@@ -69,7 +71,24 @@ def _listeners(state: SidecarState) -> tuple[list[_Server], _Server, list[str]]:
     return servers, ops, where
 
 
-async def serve(settings: Settings, announce: Callable[[str], None] = print) -> int:
+def _register_secrets(settings: Settings) -> None:
+    logs.register_secret(settings.auth_token)
+    logs.register_secret(os.environ.get("CONSUL_HTTP_TOKEN"))
+    for name, db in settings.databases.items():
+        nodes = [db.primary, *db.replicas] + [
+            n for s in db.shards for n in (s.primary, *s.replicas)
+        ]
+        for node in nodes:
+            if node is not None:
+                with contextlib.suppress(ConfigError):
+                    logs.register_secret(node.resolved_password(f"databases.{name}"))
+                if node.dsn:
+                    logs.register_secret(urlsplit(node.dsn).password)
+
+
+async def serve(
+    settings: Settings, announce: Callable[[str], None] = print, source: str = "file"
+) -> int:
     """Run the sidecar until a signal asks it to stop; returns the exit code."""
     began = time.monotonic()
     topology = build(settings)
@@ -77,6 +96,11 @@ async def serve(settings: Settings, announce: Callable[[str], None] = print) -> 
     dispatcher = Dispatcher(topology, settings)
     transactions = Transactions(dispatcher, settings.transactions)
     state = SidecarState(settings, topology, dispatcher, prober, transactions)
+    _register_secrets(settings)
+    collector = metrics.StateCollector(lambda: state)
+    metrics.registry.register(collector)
+    metrics.config_reloads.labels(source, "success").inc()
+    metrics.config_last_success.set(time.time())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,5 +144,6 @@ async def serve(settings: Settings, announce: Callable[[str], None] = print) -> 
         await topology.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        metrics.registry.unregister(collector)
     announce("dbsidecar stopped")
     return 0

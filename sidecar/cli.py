@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import re
 import signal
@@ -20,7 +19,7 @@ from typing import Any
 import uvloop
 import yaml
 
-from . import __version__
+from . import __version__, logs
 from .settings import ConfigError, Settings, build_settings, env_overrides, load_settings, merge
 
 DEFAULT_OPS = "http://127.0.0.1:9432"
@@ -40,10 +39,8 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _logging(level: str, fmt: str = "json") -> None:
+    logs.setup(level, fmt)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -54,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dbsidecar: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    _logging(args.log_level or settings.log_level)
+    _logging(args.log_level or settings.logging.level, settings.logging.format)
     return _run_loop(serve(settings, announce=_announce))
 
 
@@ -67,7 +64,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from .dev import dev_config
     from .localdb import LocalDbError, LocalTopology
 
-    _logging(args.log_level)
+    _logging(args.log_level, "text")
     # Until the sidecar installs its own handlers, SIGTERM must still unwind
     # through the finally below so no PostgreSQL is left behind.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -89,7 +86,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
         config_path.chmod(0o600)
         _announce(f"configuration written to {config_path}")
         settings = build_settings(merge(doc, env_overrides(os.environ)))
-        return _run_loop(serve(settings, announce=_announce))
+        logs.register_secret(topo.password)
+        return _run_loop(serve(settings, announce=_announce, source="dev"))
     except KeyboardInterrupt:
         return 130
     finally:

@@ -9,7 +9,10 @@ is split per shard (one transaction per shard).
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Awaitable, Sequence
+from typing import TypeVar
 
 import msgspec
 
@@ -27,13 +30,21 @@ from client.protocol import (
     plan_writes,
 )
 
-from . import merge, sharding
+from . import merge, metrics, sharding
 from .compiler import Compiler
 from .errors import SidecarError, bad_plan
 from .executor import Outcome, execute, to_result
 from .router import Router
 from .settings import Settings
 from .topology import Database, Node, Shard, Topology
+
+log = logging.getLogger("dbsidecar.queries")
+T = TypeVar("T")
+
+
+def plan_op(plan: Plan | None) -> str:
+    """The plan's operation as a metric label ("batch" for a whole batch)."""
+    return "batch" if plan is None else str(plan.__struct_config__.tag)
 
 
 def _token(db: Database, outcomes: Sequence[Outcome]) -> str | None:
@@ -126,15 +137,22 @@ class Dispatcher:
             node, role = await self._read_node(db, shard, plan, count)
 
         def run_on(node: Node, role: str) -> Awaitable[list[Outcome]]:
-            return execute(
+            return self.observed(
+                db,
+                shard,
                 node,
                 role,
-                shard.name,
-                [compiled],
-                writes=writes,
-                transaction=False,
-                readonly=isinstance(plan, Raw) and not writes,
-                acquire_timeout=db.settings.pool.acquire_timeout,
+                plan,
+                execute(
+                    node,
+                    role,
+                    shard.name,
+                    [compiled],
+                    writes=writes,
+                    transaction=False,
+                    readonly=isinstance(plan, Raw) and not writes,
+                    acquire_timeout=db.settings.pool.acquire_timeout,
+                ),
             )
 
         try:
@@ -148,6 +166,44 @@ class Dispatcher:
             if again is node:
                 raise
             return await run_on(again, again_role)
+
+    async def observed(
+        self,
+        db: Database,
+        shard: Shard,
+        node: Node,
+        role: str,
+        plan: Plan | None,
+        work: Awaitable[T],
+    ) -> T:
+        """Await work on a node, counting it and logging it if slow (shape, never values)."""
+        op = plan_op(plan)
+        began = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await work
+        except SidecarError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            elapsed = time.perf_counter() - began
+            labels = (db.name, shard.name or "", role, op)
+            metrics.query_duration.labels(*labels).observe(elapsed)
+            metrics.queries_total.labels(*labels, outcome).inc()
+            if elapsed * 1000 >= self.settings.logging.slow_query_ms:
+                log.warning(
+                    "slow query",
+                    extra={
+                        "database": db.name,
+                        "shard": shard.name,
+                        "node": node.name,
+                        "role": role,
+                        "op": op,
+                        "table": getattr(plan, "table", None),
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "outcome": outcome,
+                    },
+                )
 
     async def _read_node(
         self, db: Database, shard: Shard, plan: Plan, count: bool
@@ -249,14 +305,22 @@ class Dispatcher:
             except SidecarError as exc:
                 exc.index = i
                 raise
-        outcomes = await execute(
+        metrics.batch_size.observe(len(plans))
+        outcomes = await self.observed(
+            db,
+            shard,
             node,
             "primary",
-            shard.name,
-            compiled,
-            writes=True,
-            transaction=True,
-            acquire_timeout=db.settings.pool.acquire_timeout,
+            None,
+            execute(
+                node,
+                "primary",
+                shard.name,
+                compiled,
+                writes=True,
+                transaction=True,
+                acquire_timeout=db.settings.pool.acquire_timeout,
+            ),
         )
         token = _token(db, outcomes[-1:])
         return BatchResult(results=[to_result(o, token) for o in outcomes], lsn=token)

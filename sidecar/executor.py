@@ -7,6 +7,7 @@ consistency token later reads pass back for read-your-writes.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import asyncpg
 
 from client.protocol import Result, ServedBy
 
+from . import metrics
 from .compiler import Compiled, Statement
 from .errors import SidecarError, from_exception, is_connection_error
 from .topology import Node
@@ -84,9 +86,12 @@ async def connection(node: Node, acquire_timeout: float) -> AsyncIterator[asyncp
     """A pooled connection; failures to get one are retryable and never ran anything."""
     if node.pool is None:
         raise SidecarError(503, "node_unavailable", f"node {node.name} has no pool", retryable=True)
+    labels = (node.db_label, node.shard_label, node.name)
+    began = time.perf_counter()
     try:
         conn = await node.pool.acquire(timeout=acquire_timeout)
     except TimeoutError:
+        metrics.pool_acquire_timeouts.labels(*labels).inc()
         raise SidecarError(
             503,
             "pool_timeout",
@@ -100,6 +105,7 @@ async def connection(node: Node, acquire_timeout: float) -> AsyncIterator[asyncp
                 503, "node_unavailable", f"cannot connect to {node.name}: {exc}", retryable=True
             ) from None
         raise
+    metrics.pool_acquire_duration.labels(*labels).observe(time.perf_counter() - began)
     node.busy += 1
     try:
         yield conn

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import metrics
 from .state import SidecarState
 from .topology_view import topology_document
 
@@ -52,6 +53,11 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse(topology_document(_state(request)))
 
 
+async def metrics_endpoint(request: Request) -> Response:
+    body, content_type = metrics.exposition(request.headers.get("accept"))
+    return Response(body, headers={"Content-Type": content_type})
+
+
 def ops_app(state: SidecarState) -> Starlette:
     app = Starlette(
         routes=[
@@ -59,6 +65,7 @@ def ops_app(state: SidecarState) -> Starlette:
             Route("/startupz", startupz),
             Route("/readyz", readyz),
             Route("/healthz", healthz),
+            Route("/metrics", metrics_endpoint),
         ]
     )
     app.state.sidecar = state

@@ -151,6 +151,15 @@ class ReadinessSettings(_Section):
     require_primary: bool = False
 
 
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    # One line per data-plane request; off by default (metrics count requests).
+    access_log: bool = False
+    # Statements slower than this are logged with their plan's shape, never its values.
+    slow_query_ms: float = 1000.0
+
+
 class Settings(_Section):
     listen: ListenSettings = msgspec.field(default_factory=ListenSettings)
     ops: OpsSettings = msgspec.field(default_factory=OpsSettings)
@@ -161,7 +170,7 @@ class Settings(_Section):
     transactions: TransactionSettings = msgspec.field(default_factory=TransactionSettings)
     shutdown: ShutdownSettings = msgspec.field(default_factory=ShutdownSettings)
     readiness: ReadinessSettings = msgspec.field(default_factory=ReadinessSettings)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
 
 
 def _seed_shape(name: str, entry: Any) -> Any:

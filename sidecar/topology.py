@@ -28,6 +28,9 @@ class Node:
     settings: NodeSettings
     database: str
     configured_role: Role
+    # Labels for metrics and logs: the logical database and the shard ("" if none).
+    db_label: str = ""
+    shard_label: str = ""
     pool: asyncpg.Pool | None = None
     # Written by the health probe.
     up: bool = True
@@ -134,8 +137,8 @@ class Topology:
         await asyncio.gather(*(p.close() for p in pools.values()), return_exceptions=True)
 
 
-def _node(settings: NodeSettings, database: str, role: Role) -> Node:
-    return Node(settings.label(database), settings, database, role)
+def _node(settings: NodeSettings, database: str, role: Role, logical: str, shard: str) -> Node:
+    return Node(settings.label(database), settings, database, role, logical, shard)
 
 
 def build(settings: Settings) -> Topology:
@@ -148,8 +151,8 @@ def build(settings: Settings) -> Topology:
             shard = Shard(
                 None,
                 0,
-                _node(cfg.primary, name, "primary"),
-                [_node(r, name, "replica") for r in cfg.replicas],
+                _node(cfg.primary, name, "primary", name, ""),
+                [_node(r, name, "replica", name, "") for r in cfg.replicas],
             )
             databases[name] = Database(name, cfg, [shard])
             continue
@@ -157,8 +160,8 @@ def build(settings: Settings) -> Topology:
             Shard(
                 s.name,
                 i,
-                _node(s.primary, s.name, "primary"),
-                [_node(r, s.name, "replica") for r in s.replicas],
+                _node(s.primary, s.name, "primary", name, s.name),
+                [_node(r, s.name, "replica", name, s.name) for r in s.replicas],
             )
             for i, s in enumerate(cfg.shards)
         ]

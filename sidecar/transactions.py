@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 from asyncpg.transaction import Transaction as PgTransaction
@@ -22,8 +23,9 @@ from asyncpg.transaction import Transaction as PgTransaction
 from client.protocol import Plan, Result
 
 from . import sharding
+from .compiler import Compiled
 from .dispatch import Dispatcher
-from .errors import SidecarError, bad_plan, from_exception, is_connection_error
+from .errors import SidecarError, bad_plan, from_exception
 from .executor import LSN_SQL, make_outcome, release, run_statement, to_result
 from .settings import TransactionSettings
 from .topology import Database, Node, Shard
@@ -123,14 +125,26 @@ class Transactions:
             compiled = self.dispatcher.compiler.compile(plan)
             assert tx.conn is not None and tx.node is not None
             try:
-                parts = await run_statement(tx.conn, compiled)
-            except Exception as exc:
-                if is_connection_error(exc):
+                parts = await self.dispatcher.observed(
+                    db, shard, tx.node, "primary", plan, self._statement(tx, compiled)
+                )
+            except SidecarError as exc:
+                if exc.code in ("write_outcome_unknown", "node_unavailable"):
                     await self._discard(tx)
-                raise from_exception(exc, writes=True) from exc
+                raise
             tx.last_used = time.monotonic()
             shard_name = tx.shard.name if tx.shard else None
             return to_result(make_outcome(parts, tx.node, "primary", shard_name))
+
+    @staticmethod
+    async def _statement(
+        tx: OpenTransaction, compiled: Compiled
+    ) -> tuple[list[str], list[str | None], list[tuple[Any, ...]], int]:
+        assert tx.conn is not None
+        try:
+            return await run_statement(tx.conn, compiled)
+        except Exception as exc:
+            raise from_exception(exc, writes=True) from exc
 
     def _shard_of(self, tx: OpenTransaction, plan: Plan, pinned: int | None) -> Shard:
         db = tx.db

@@ -25,7 +25,8 @@ listen:
 ops:
   port: 9000
 auth_token: s3cret-token
-log_level: debug
+logging:
+  level: debug
 health:
   interval: 0.5
   failure_threshold: 5
@@ -101,7 +102,7 @@ def test_full_document_loads_typed(tmp_path: Path) -> None:
     assert (s.listen.host, s.listen.port, s.listen.uds) == ("0.0.0.0", 7000, "/run/dbsidecar.sock")
     assert (s.ops.host, s.ops.port) == ("0.0.0.0", 9000)
     assert s.auth_token == "s3cret-token"
-    assert s.log_level == "debug"
+    assert s.logging.level == "debug"
     assert s.health.interval == 0.5 and s.health.failure_threshold == 5
     assert s.health.timeout == 1.0  # untouched sections keep their defaults
     assert s.limits.max_where_depth == 8 and s.limits.max_batch_plans == 1000
@@ -145,7 +146,7 @@ def test_full_document_loads_typed(tmp_path: Path) -> None:
 def test_minimal_document_gets_defaults(tmp_path: Path) -> None:
     s = load(tmp_path, {"databases": {"orders": {"primary": PRIMARY}}})
     assert (s.listen.host, s.listen.port, s.listen.uds) == ("127.0.0.1", 7432, None)
-    assert s.ops.port == 9432 and s.auth_token is None and s.log_level == "info"
+    assert s.ops.port == 9432 and s.auth_token is None and s.logging.level == "info"
     db = s.databases["orders"]
     assert db.read_default == "primary" and db.replicas == [] and db.fallback_to_primary
     assert (db.pool.min_size, db.pool.max_size) == (1, 10)
@@ -306,7 +307,7 @@ def test_env_wins_over_file(tmp_path: Path) -> None:
     environ = {
         "DBSIDECAR_LISTEN__PORT": "8000",
         "DBSIDECAR_DATABASES__ORDERS__POOL__MAX_SIZE": "20",
-        "DBSIDECAR_LOG_LEVEL": "warning",
+        "DBSIDECAR_LOGGING__LEVEL": "warning",
     }
     s = load(tmp_path, doc, environ)
     assert s.listen.port == 8000
@@ -314,7 +315,7 @@ def test_env_wins_over_file(tmp_path: Path) -> None:
     assert pool.max_size == 20
     assert pool.min_size == 3  # a sibling key from the file survives the override
     assert s.databases["orders"].primary == NodeSettings(**PRIMARY)
-    assert s.log_level == "warning"
+    assert s.logging.level == "warning"
 
 
 @pytest.mark.parametrize(
