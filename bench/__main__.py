@@ -15,6 +15,7 @@ import datetime as dt
 import os
 import platform
 import signal
+import statistics
 import sys
 import time
 import urllib.request
@@ -49,7 +50,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="also record the sidecar with py-spy during sidecar-tcp point-c32",
+        help="also record the sidecar and the client with py-spy (if on PATH) during "
+        "sidecar-tcp point-c32",
     )
     args = p.parse_args(argv)
     quick = args.quick
@@ -147,11 +149,10 @@ async def _measure_all(
     if args.profile and stack.sidecar is not None and stack.sidecar.pid is not None:
         target = next(w for w in WORKLOADS if w.key == "point-c32")
         tcp = next(v for v in variants if v.name == "sidecar-tcp")
-        progress("bench: profiling the sidecar with py-spy during sidecar-tcp point-c32")
-        stamp = args.stamp
-        result["profile"] = await profile.profile_sidecar(
-            stack.sidecar.pid, tcp, target, max(8.0, args.duration * 8), args.out / stamp
-        )
+        progress("bench: profiling sidecar and client with py-spy during sidecar-tcp point-c32")
+        pids = {"sidecar": stack.sidecar.pid, "client": os.getpid()}
+        seconds = max(8.0, args.duration * 8)
+        result["profile"] = await profile.profile(pids, tcp, target, seconds, args.out / args.stamp)
     return result
 
 
@@ -246,6 +247,18 @@ def _print_report(document: dict[str, Any], names: list[str]) -> None:
         for name, r in ratios.items():
             parts = ", ".join(f"{k.removesuffix('-c1')} {v:.2f}x" for k, v in r.items())
             print(f"  {name:<22}{parts}")
+    others = [
+        r["other_cores"]
+        for w in document["workloads"].values()
+        for v in w["variants"].values()
+        for r in v.get("reps", [])
+        if r["other_cores"] is not None
+    ]
+    if others:
+        print(
+            f"noise: processes not started by the benchmark used {statistics.median(others):.2f} "
+            f"cores (median; max {max(others):.2f}) of {meta['cpus']} during measurements"
+        )
     idle = document["idle_cores"]
     print(
         "idle CPU (cores, no load): "

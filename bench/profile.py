@@ -1,4 +1,4 @@
-"""Optional: a py-spy profile of the sidecar process during one workload.
+"""Optional: py-spy profiles of the sidecar and the client during one workload.
 
 ``py-spy record --format raw`` writes collapsed stacks ("frame;frame;frame count"); the
 summary here ranks frames by samples on top of the stack (self) and anywhere in it
@@ -70,55 +70,70 @@ def summarise(collapsed: str, top: int = 25) -> dict[str, Any]:
     }
 
 
-async def profile_sidecar(
-    pid: int, variant: Variant, workload: Workload, seconds: float, out: Path
+async def profile(
+    pids: dict[str, int], variant: Variant, workload: Workload, seconds: float, out: Path
 ) -> dict[str, Any]:
-    """Record the sidecar (pid) while ``workload`` runs on ``variant`` for ``seconds``."""
+    """Record each process (name -> pid) while ``workload`` runs on ``variant``."""
     py_spy = shutil.which("py-spy")
     if py_spy is None:
         return {"status": "py-spy not installed (pip install py-spy)"}
-    raw_path = out.with_suffix(".txt")
-    argv = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds)))]
-    argv += ["--rate", "100", "--format", "raw", "--output", str(raw_path)]
+    paths = {name: out.with_name(f"{out.name}-{name}.txt") for name in pids}
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    outputs: dict[str, bytes] = {}
     await variant.open()
     try:
         await measure(workload, variant, 0.3, seed=7)  # warm-up
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-        )
+        for name, pid in pids.items():
+            argv = [py_spy, "record", "--pid", str(pid), "--duration", str(round(seconds))]
+            argv += ["--rate", "100", "--format", "raw", "--output", str(paths[name])]
+            procs[name] = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            )
         try:
             sample = await measure(workload, variant, round(seconds) + 0.5, seed=8)
-            output, _ = await asyncio.wait_for(proc.communicate(), 30)
+            for name, proc in procs.items():
+                outputs[name], _ = await asyncio.wait_for(proc.communicate(), 30)
         finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            for proc in procs.values():
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
     finally:
         await variant.close()
-    if proc.returncode != 0 or not raw_path.exists():
-        return {"status": f"py-spy failed ({proc.returncode}): {output.decode()[-500:]}"}
-    result = summarise(raw_path.read_text())
-    result.update(
-        status="ok",
-        workload=workload.key,
-        variant=variant.name,
-        ops_per_s=sample.ops_per_s,
-        collapsed_stacks=str(raw_path),
-    )
+    result: dict[str, Any] = {
+        "status": "ok",
+        "workload": workload.key,
+        "variant": variant.name,
+        "ops_per_s": sample.ops_per_s,
+        "processes": {},
+    }
+    for name, proc in procs.items():
+        if proc.returncode != 0 or not paths[name].exists():
+            text = outputs.get(name, b"").decode(errors="replace")[-500:]
+            result["processes"][name] = {"status": f"py-spy failed ({proc.returncode}): {text}"}
+            continue
+        summary = summarise(paths[name].read_text())
+        summary.update(status="ok", collapsed_stacks=str(paths[name]))
+        result["processes"][name] = summary
     return result
 
 
-def render(profile: dict[str, Any], top: int = 15) -> str:
+def render(profile: dict[str, Any], top: int = 12) -> str:
     if profile.get("status") != "ok":
-        return f"sidecar profile: {profile.get('status')}"
-    lines = [
-        f"sidecar profile ({profile['variant']} {profile['workload']}, "
-        f"{profile['samples']} samples, {profile['ops_per_s']:,.0f} ops/s while profiled)",
-        "  self time by package: "
-        + ", ".join(f"{e['frame']} {e['share']:.0%}" for e in profile["self_by_package"]),
-        "  top frames by self time:",
-    ]
-    lines += [f"    {e['share']:6.1%}  {e['frame']}" for e in profile["self"][:top]]
-    lines.append("  top frames by inclusive time:")
-    lines += [f"    {e['share']:6.1%}  {e['frame']}" for e in profile["inclusive"][:top]]
+        return f"profile: {profile.get('status')}"
+    lines = []
+    for name, p in profile["processes"].items():
+        if p.get("status") != "ok":
+            lines.append(f"{name} profile: {p.get('status')}")
+            continue
+        lines += [
+            f"{name} profile ({profile['variant']} {profile['workload']}, {p['samples']} "
+            f"samples, {profile['ops_per_s']:,.0f} ops/s while profiled)",
+            "  self time by package: "
+            + ", ".join(f"{e['frame']} {e['share']:.0%}" for e in p["self_by_package"]),
+            "  top frames by self time:",
+        ]
+        lines += [f"    {e['share']:6.1%}  {e['frame']}" for e in p["self"][:top]]
+        lines.append("  top frames by inclusive time:")
+        lines += [f"    {e['share']:6.1%}  {e['frame']}" for e in p["inclusive"][:top]]
     return "\n".join(lines)

@@ -123,7 +123,6 @@ class Sidecar:
         )
         for db in config["databases"].values():
             db["pool"] = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
-        config["log_level"] = "warning"
         self.config_path = workdir / "sidecar.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.config_path.chmod(0o600)
@@ -149,8 +148,9 @@ class Sidecar:
 
     def start(self, timeout: float = 60.0) -> None:
         self._log = self.log_path.open("ab")
+        argv = [sys.executable, "-m", "sidecar.cli", "run", "--config", str(self.config_path)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar.cli", "run", "--config", str(self.config_path)],
+            [*argv, "--log-level", "warning"],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from typing import Any, ClassVar, Literal
 
 import msgspec
 
+from . import metrics
 from .consistency import merge_tokens
 from .errors import DbSidecarError
 from .protocol import Batch, BatchResult, Plan, Result, plan_writes
@@ -72,12 +74,16 @@ class Database:
         if not writes and self.token and plan.route.after is None:
             plan.route.after = self.token
         body = msgspec.json.encode(plan)
+        op = str(plan.__struct_config__.tag)
         attempt = 0
         while True:
+            began = time.perf_counter()
             try:
                 result = await self.transport.request("POST", "/v1/query", body, _result)
+                metrics.observe(self.database, op, "ok", time.perf_counter() - began)
                 break
             except DbSidecarError as exc:
+                metrics.observe(self.database, op, exc.code, time.perf_counter() - began)
                 if writes or not exc.retryable or attempt >= self.read_retries:
                     raise
                 # Capped exponential backoff with full jitter.

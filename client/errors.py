@@ -26,6 +26,8 @@ class DbSidecarError(Exception):
         self.sqlstate = sqlstate
         # In a batch: the plan that failed.
         self.index = index
+        # The X-Request-ID the sidecar logged this failure under.
+        self.request_id: str | None = None
 
 
 class PlanError(DbSidecarError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -13,6 +14,11 @@ from .errors import DbSidecarError, SidecarUnreachable, from_error_body
 from .protocol import ErrorEnvelope
 
 T = TypeVar("T")
+# Set by a service (e.g. from its own incoming request) to correlate logs: sent as
+# X-Request-ID, logged by the sidecar, echoed back, and kept on errors.
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "dbsidecar_request_id", default=None
+)
 _error_decoder = msgspec.json.Decoder(ErrorEnvelope)
 
 
@@ -60,12 +66,16 @@ class Transport:
         self, method: str, path: str, body: bytes | None, decoder: msgspec.json.Decoder[T],
         headers: dict[str, str] | None = None,
     ) -> T:  # fmt: skip
+        rid = request_id.get()
+        if rid is not None:
+            headers = {**(headers or {}), "X-Request-ID": rid}
         try:
             async with self._client().request(
                 method, self.base + path, data=body, headers=headers
             ) as resp:
                 payload = await resp.read()
                 status = resp.status
+                echoed = resp.headers.get("X-Request-ID")
         except (TimeoutError, aiohttp.ClientConnectionError) as exc:
             raise SidecarUnreachable(
                 f"cannot reach the sidecar at {self.url}: {exc or type(exc).__name__}",
@@ -73,7 +83,9 @@ class Transport:
                 retryable=True,
             ) from exc
         if status >= 400:
-            raise _error(payload, status)
+            error = _error(payload, status)
+            error.request_id = echoed
+            raise error
         return decoder.decode(payload)
 
     async def close(self) -> None:

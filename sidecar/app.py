@@ -99,6 +99,7 @@ async def serve(
     _register_secrets(settings)
     collector = metrics.StateCollector(lambda: state)
     metrics.registry.register(collector)
+    metrics.initialize(state)
     metrics.config_reloads.labels(source, "success").inc()
     metrics.config_last_success.set(time.time())
     stop = asyncio.Event()

@@ -124,46 +124,35 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return 1
 
 
-def _fmt(value: Any, unit: str = "") -> str:
-    return "-" if value is None else f"{value}{unit}"
-
-
-def render_status(doc: dict[str, Any]) -> str:
-    lines = [
-        f"started={doc['started']} draining={doc['draining']} inflight={doc['inflight']} "
-        f"uptime={doc['uptime_seconds']:.0f}s compile-cache hits={doc['compile_cache']['hits']} "
-        f"misses={doc['compile_cache']['misses']}",
-        "",
-        f"{'DATABASE':<12} {'SHARD':<14} {'NODE':<28} {'ROLE':<8} {'STATE':<5} "
-        f"{'LAG':>10} {'LAG(s)':>7} {'PING':>8} {'POOL':>9}",
-    ]
-    for name, db in doc["databases"].items():
-        for node in db["nodes"]:
-            pool = node["pool"]
-            pool_text = f"{pool['size'] - pool['idle']}/{pool['max']}" if pool else "-"
-            lines.append(
-                f"{name:<12} {_fmt(node['shard']):<14} {node['name'][:28]:<28} "
-                f"{_fmt(node['role']):<8} {'up' if node['up'] else 'DOWN':<5} "
-                f"{_fmt(node['lag_bytes'], 'B'):>10} {_fmt(node['lag_seconds']):>7} "
-                f"{_fmt(node['latency_ms'], 'ms'):>8} {pool_text:>9}"
-            )
-            if node["last_error"]:
-                lines.append(f"{'':<12} {'':<14} last error: {node['last_error']}")
-    return "\n".join(lines)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    url = args.ops.rstrip("/") + "/healthz"
+    from .status import parse_traffic, render
+
+    base = args.ops.rstrip("/")
+    before = None
+    began = time.monotonic()
     try:
-        status, body = _get(url, timeout=5)
+        while True:
+            status, body = _get(base + "/healthz", timeout=5)
+            doc = json.loads(body)
+            if args.json:
+                print(json.dumps(doc, indent=2))
+                return 0 if status == 200 else 1
+            now = parse_traffic(_get(base + "/metrics", timeout=5)[1].decode())
+            elapsed = time.monotonic() - began if before else doc["uptime_seconds"]
+            screen = render(doc, now, before, elapsed)
+            if not args.watch:
+                print(screen)
+                return 0 if status == 200 else 1
+            print("\033[H\033[2J" + screen, flush=True)  # clear the terminal, then draw
+            before, began = now, time.monotonic()
+            time.sleep(args.watch)
     except OSError as exc:
         print(
-            f"dbsidecar status: cannot reach {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr
+            f"dbsidecar status: cannot reach {base}: {getattr(exc, 'reason', exc)}", file=sys.stderr
         )
         return 1
-    doc = json.loads(body)
-    print(json.dumps(doc, indent=2) if args.json else render_status(doc))
-    return 0 if status == 200 else 1
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -220,6 +209,8 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show databases, shards and nodes of a running sidecar")
     status.add_argument("--ops", default=DEFAULT_OPS, metavar="URL", help=f"default {DEFAULT_OPS}")
     status.add_argument("--json", action="store_true", help="print the raw JSON document")
+    status.add_argument("--watch", type=duration, metavar="INTERVAL", nargs="?", const=2.0,
+                        help="refresh every INTERVAL (default 2s) with rates over it")  # fmt: skip
     status.set_defaults(func=cmd_status)
 
     check = sub.add_parser("check-config", help="validate a configuration and exit")

@@ -95,13 +95,16 @@ config_last_success = Gauge(
     "When a configuration was last applied.",
     registry=registry,
 )
-registry_up = Gauge(
-    "dbsidecar_registry_up",
-    "1 while the configuration registry (Consul) answers, 0 when not, absent when unused.",
-    registry=registry,
-)
 build_info = Gauge("dbsidecar_build_info", "The running version.", ["version"], registry=registry)
 build_info.labels(__version__).set(1)
+
+
+def initialize(state: SidecarState) -> None:
+    """Create every node's labelled series at 0, so a timeout shows as an increase
+    from 0 rather than as a series that appears out of nowhere."""
+    for node in state.topology.nodes:
+        labels = (node.db_label, node.shard_label, node.name)
+        pool_acquire_timeouts.labels(*labels)
 
 
 class StateCollector(Collector):

@@ -19,7 +19,19 @@ from sidecar.dev import USER_SHARDS, dev_config
 from sidecar.localdb import LocalTopology, PgServer
 
 from . import schema
-from .harness import SidecarProcess, free_port
+from .harness import SECRETS, SIDECAR_LOGS, SidecarProcess, free_port
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secrets_in_logs() -> Iterator[None]:
+    """After every test: no sidecar log of the whole run holds a configured secret."""
+    yield
+    leaks = [
+        f"{path}: contains a secret"
+        for path in SIDECAR_LOGS
+        if path.exists() and any(secret in path.read_text(errors="replace") for secret in SECRETS)
+    ]
+    assert not leaks, leaks
 
 
 @pytest.fixture(scope="session")

@@ -50,17 +50,36 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+# Every sidecar log of the session and every secret its configuration held: the
+# session ends with a scan that fails the run if any secret reached a log line.
+SIDECAR_LOGS: list[Path] = []
+SECRETS: set[str] = set()
+
+
+def _config_secrets(config: dict[str, Any]) -> set[str]:
+    found = {config.get("auth_token") or ""}
+    for db in config.get("databases", {}).values():
+        nodes = [db.get("primary"), *db.get("replicas", [])]
+        for shard in db.get("shards", []):
+            nodes += [shard["primary"], *shard.get("replicas", [])]
+        found |= {(n or {}).get("password") or "" for n in nodes}
+    return {s for s in found if len(s) >= 4}
+
+
 class SidecarProcess:
     """`dbsidecar run` in a child process with a given configuration document."""
 
     def __init__(self, config: dict[str, Any], workdir: Path, name: str = "sidecar") -> None:
+        SECRETS.update(_config_secrets(config))
         self.workdir = workdir
+        self.config = config
         self.port = config["listen"].get("port")
         self.ops_port = config["ops"]["port"]
         self.uds = config["listen"].get("uds")
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"{name}.log"
+        SIDECAR_LOGS.append(self.log_path)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -144,3 +144,8 @@ def test_client_imports_with_only_aiohttp_and_msgspec() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "light"
+
+
+def test_example_configuration_is_valid() -> None:
+    result = run_cli("check-config", "--config", str(ROOT / "config" / "example.yaml"))
+    assert result.returncode == 0, result.stderr
