@@ -92,7 +92,7 @@ async def serve(
     """Run the sidecar until a signal asks it to stop; returns the exit code."""
     began = time.monotonic()
     topology = build(settings)
-    prober = Prober(topology, settings.health)
+    prober = Prober(settings.health)
     dispatcher = Dispatcher(topology, settings)
     transactions = Transactions(dispatcher, settings.transactions)
     state = SidecarState(settings, topology, dispatcher, prober, transactions)
@@ -113,7 +113,7 @@ async def serve(
         # The ops port first, so /startupz answers 503 while the rest starts.
         tasks.append(asyncio.create_task(ops.serve()))
         await open_pools(topology)
-        await prober.start()
+        await prober.watch(topology.nodes)
         transactions.start()
         tasks += [asyncio.create_task(s.serve()) for s in data]
         while not all(s.started for s in [*data, ops]):

@@ -71,8 +71,8 @@ class Dispatcher:
         self.compiler = Compiler(max_where_depth=settings.limits.max_where_depth)
         self.router = Router()
 
-    def database(self, name: str) -> tuple[Database, int | None]:
-        found = self.topology.lookup(name)
+    def database(self, name: str, topology: Topology | None = None) -> tuple[Database, int | None]:
+        found = (topology or self.topology).lookup(name)
         if found is None:
             raise SidecarError(
                 404,
@@ -104,7 +104,16 @@ class Dispatcher:
         return [db.shards[i] for i in indexes]
 
     async def run(self, plan: Plan) -> Result:
-        db, pinned = self.database(plan.database)
+        # A request runs entirely on the table it started with, even across a reload.
+        topology = self.topology
+        topology.enter()
+        try:
+            return await self._run(plan, topology)
+        finally:
+            topology.leave()
+
+    async def _run(self, plan: Plan, topology: Topology) -> Result:
+        db, pinned = self.database(plan.database, topology)
         writes = plan_writes(plan)
         if db.sharded and isinstance(plan, Insert):
             return await self._sharded_insert(db, plan, pinned)
@@ -285,17 +294,25 @@ class Dispatcher:
 
     async def run_batch(self, plans: Sequence[Plan]) -> BatchResult:
         """Plans on one database and shard, in one transaction on its primary."""
+        topology = self.topology
+        topology.enter()
+        try:
+            return await self._run_batch(plans, topology)
+        finally:
+            topology.leave()
+
+    async def _run_batch(self, plans: Sequence[Plan], topology: Topology) -> BatchResult:
         if not plans:
             raise bad_plan("a batch needs at least one plan")
         if len(plans) > self.settings.limits.max_batch_plans:
             raise bad_plan(f"a batch holds at most {self.settings.limits.max_batch_plans} plans")
         names = {p.database for p in plans}
-        resolved = {self.database(n) for n in names}
+        resolved = {self.database(n, topology) for n in names}
         dbs = {id(db): db for db, _ in resolved}
         if len(dbs) != 1:
             raise bad_plan("a batch runs on one database: every plan must name the same one")
         db = next(iter(dbs.values()))
-        shard = self._batch_shard(db, plans, {n: self.database(n)[1] for n in names})
+        shard = self._batch_shard(db, plans, {n: self.database(n, topology)[1] for n in names})
         node = self.router.writer(db, shard)
         self.router.count(db, "primary")
         compiled = []

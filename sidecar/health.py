@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 
 import asyncpg
 
@@ -21,7 +22,7 @@ from client.consistency import lsn_to_int
 
 from .pools import connect_kwargs
 from .settings import HealthSettings
-from .topology import Database, Node, Shard, Topology
+from .topology import Node, Shard
 
 log = logging.getLogger("dbsidecar.health")
 
@@ -32,38 +33,40 @@ PROBE_SQL = (
 
 
 class Prober:
-    def __init__(self, topology: Topology, settings: HealthSettings) -> None:
-        self.topology = topology
-        self.settings = settings
-        self._tasks: list[asyncio.Task[None]] = []
-        self._first: list[asyncio.Future[None]] = []
+    """One probe task per node; nodes come and go with configuration reloads."""
 
-    async def start(self) -> None:
-        """Start every probe and wait (bounded by the probe timeout) for first answers."""
+    def __init__(self, settings: HealthSettings) -> None:
+        self.settings = settings
+        self._tasks: dict[Node, asyncio.Task[None]] = {}
+
+    async def watch(self, nodes: Sequence[Node]) -> None:
+        """Probe these nodes (those not probed yet) and wait, bounded by the probe
+        timeout, for their first answers."""
         loop = asyncio.get_running_loop()
-        for db in self.topology.databases.values():
-            for shard in db.shards:
-                for node in shard.nodes:
-                    first: asyncio.Future[None] = loop.create_future()
-                    self._first.append(first)
-                    self._tasks.append(
-                        asyncio.create_task(
-                            self._run(db, shard, node, first), name=f"probe {node.name}"
-                        )
-                    )
-        await asyncio.wait(self._first, timeout=self.settings.timeout * 2)
+        firsts = []
+        for node in nodes:
+            if node in self._tasks:
+                continue
+            first: asyncio.Future[None] = loop.create_future()
+            firsts.append(first)
+            self._tasks[node] = asyncio.create_task(
+                self._run(node, first), name=f"probe {node.name}"
+            )
+        if firsts:
+            await asyncio.wait(firsts, timeout=self.settings.timeout * 2)
+
+    async def forget(self, nodes: Sequence[Node]) -> None:
+        tasks = [t for n in nodes if (t := self._tasks.pop(n, None)) is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self.forget(list(self._tasks))
 
-    async def _run(
-        self, db: Database, shard: Shard, node: Node, first: asyncio.Future[None]
-    ) -> None:
+    async def _run(self, node: Node, first: asyncio.Future[None]) -> None:
         cfg = self.settings
-        kwargs = connect_kwargs(node.settings, node.database, f"databases.{db.name}.{node.name}")
+        kwargs = connect_kwargs(node.settings, node.database, f"databases.{node.db_label}")
         conn: asyncpg.Connection | None = None
         fails = oks = 0
         last_health = 0.0
@@ -85,8 +88,8 @@ class Prober:
                         conn.terminate()
                         conn = None
                 else:
-                    assert row is not None
-                    self._observe(shard, node, row[0], lsn_to_int(row[1]) if row[1] else None)
+                    assert row is not None and node.shard is not None
+                    self._observe(node.shard, node, row[0], lsn_to_int(row[1]) if row[1] else None)
                     node.latency = time.monotonic() - started
                 now = time.monotonic()
                 if now - last_health >= cfg.interval or not first.done():
@@ -95,16 +98,18 @@ class Prober:
                         fails, oks = 0, oks + 1
                         if not node.up and oks >= cfg.success_threshold:
                             node.mark(True)
-                            log.warning("node %s of %s is up again", node.name, db.name)
-                            _check_split_brain(shard)
+                            log.warning("node %s of %s is up again", node.name, node.db_label)
+                            _check_split_brain(node.shard)
                         node.last_error = None
                     else:
                         fails, oks = fails + 1, 0
                         node.last_error = error
                         if node.up and (fails >= cfg.failure_threshold or not first.done()):
                             node.mark(False, error)
-                            log.warning("node %s of %s is down: %s", node.name, db.name, error)
-                            _check_split_brain(shard)
+                            log.warning(
+                                "node %s of %s is down: %s", node.name, node.db_label, error
+                            )
+                            _check_split_brain(node.shard)
                 if not first.done():
                     first.set_result(None)
                 await asyncio.sleep(max(0.0, cfg.position_interval - (time.monotonic() - started)))
@@ -143,7 +148,9 @@ class Prober:
             shard.notify_advanced()
 
 
-def _check_split_brain(shard: Shard) -> None:
+def _check_split_brain(shard: Shard | None) -> None:
+    if shard is None:
+        return
     primaries = shard.reporting_primary()
     if len(primaries) > 1 and not shard.split_brain:
         shard.split_brain = True
@@ -155,7 +162,7 @@ def _check_split_brain(shard: Shard) -> None:
         )
     elif len(primaries) <= 1 and shard.split_brain:
         shard.split_brain = False
-        log.warning("split brain in %s is over", shard.name or shard.primary.database)
+        log.warning("split brain in %s is over", shard.name or shard.nodes[0].db_label)
 
 
 def _update_lag(shard: Shard, now: float) -> None:

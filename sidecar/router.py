@@ -58,7 +58,7 @@ class Router:
             node = primaries[0]
         else:
             node = shard.primary
-            if not node.up or node.in_recovery is not None:
+            if node is None or not node.up or node.in_recovery is not None:
                 self.count(db, "refused")
                 raise SidecarError(
                     503, "no_primary", f"{where} has no reachable primary", retryable=True

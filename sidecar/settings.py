@@ -90,15 +90,30 @@ class ShardingSettings(_Section):
     default: str | None = None
 
 
+class ServiceSettings(_Section):
+    """Nodes from Consul's health catalog instead of a fixed list."""
+
+    # The Consul service whose passing instances are this database's (or shard's) nodes.
+    name: str
+    # What every discovered node connects to: database, user, password_env, ...
+    # (host and port come from the catalog).
+    node: NodeSettings = msgspec.field(default_factory=NodeSettings)
+    # Instance tags naming the role, as Patroni registers them.
+    primary_tags: list[str] = msgspec.field(default_factory=lambda: ["primary", "master"])
+    replica_tags: list[str] = msgspec.field(default_factory=lambda: ["replica", "standby"])
+
+
 class ShardSettings(_Section):
     name: str
-    primary: NodeSettings
+    primary: NodeSettings | None = None
     replicas: list[NodeSettings] = []
+    service: ServiceSettings | None = None
 
 
 class DatabaseSettings(_Section):
     primary: NodeSettings | None = None
     replicas: list[NodeSettings] = []
+    service: ServiceSettings | None = None
     read_default: Literal["primary", "replica"] = "primary"
     replica_strategy: Literal["round_robin", "random", "least_busy"] = "round_robin"
     max_replica_lag_bytes: int | None = None
@@ -160,6 +175,41 @@ class LoggingSettings(_Section):
     slow_query_ms: float = 1000.0
 
 
+class ConsulSettings(_Section):
+    address: str = "127.0.0.1:8500"
+    scheme: Literal["http", "https"] = "http"
+    # The KV key holding the configuration document; default dbsidecar/<service>/config.
+    key: str | None = None
+    # The ACL token comes from CONSUL_HTTP_TOKEN or this file; it is sent as a header.
+    token_file: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Blocking-query wait in seconds; the HTTP timeout is set well above it.
+    wait: float = 30.0
+
+
+class RegistrySettings(_Section):
+    """Where the configuration and nodes come from besides the file (bootstrap only:
+    taken from the file and environment, never from the registry itself)."""
+
+    consul: ConsulSettings | None = None
+    # The service this sidecar belongs to, for the default KV key.
+    service: str = "default"
+    # Wait for the registry at startup instead of starting from the file or the cache.
+    required: bool = False
+    # The last good registry document, for a start while Consul is unreachable.
+    cache_path: str | None = None
+    # How often the configuration file is checked for changes (ConfigMap symlink swaps).
+    file_poll_interval: float = 1.0
+
+    @property
+    def key(self) -> str:
+        if self.consul is not None and self.consul.key:
+            return self.consul.key
+        return f"dbsidecar/{self.service}/config"
+
+
 class Settings(_Section):
     listen: ListenSettings = msgspec.field(default_factory=ListenSettings)
     ops: OpsSettings = msgspec.field(default_factory=OpsSettings)
@@ -171,6 +221,7 @@ class Settings(_Section):
     shutdown: ShutdownSettings = msgspec.field(default_factory=ShutdownSettings)
     readiness: ReadinessSettings = msgspec.field(default_factory=ReadinessSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
 
 
 def _seed_shape(name: str, entry: Any) -> Any:
@@ -217,11 +268,14 @@ def _check(settings: Settings) -> None:
         if db.sharding is None:
             if db.shards:
                 raise ConfigError(f"{where}.shards: shards need a 'sharding' section")
-            if db.primary is None:
-                raise ConfigError(f"{where}.primary: a database needs a primary")
+            _check_nodes(where, db.primary, db.replicas, db.service, "a database")
             continue
-        if db.primary is not None or db.replicas:
+        if db.primary is not None or db.replicas or db.service is not None:
             raise ConfigError(f"{where}: a sharded database lists its nodes under 'shards'")
+        for i, shard in enumerate(db.shards):
+            _check_nodes(
+                f"{where}.shards[{i}]", shard.primary, shard.replicas, shard.service, "a shard"
+            )
         if not db.shards:
             raise ConfigError(f"{where}.shards: a sharded database needs at least one shard")
         names = [s.name for s in db.shards]
@@ -230,6 +284,22 @@ def _check(settings: Settings) -> None:
                 raise ConfigError(f"{where}.shards: duplicate name {shard_name!r}")
             seen_nodes.add(shard_name)
         _check_sharding(where, db.sharding, names)
+
+
+def _check_nodes(
+    where: str,
+    primary: NodeSettings | None,
+    replicas: list[NodeSettings],
+    service: ServiceSettings | None,
+    what: str,
+) -> None:
+    if service is not None and (primary is not None or replicas):
+        raise ConfigError(f"{where}: give either a service or primary/replicas, not both")
+    if service is None and primary is None:
+        raise ConfigError(f"{where}.primary: {what} needs a primary (or a Consul service)")
+    names = [n.label(where) for n in ([primary] if primary else []) + replicas]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: two nodes have the same name; give them distinct 'name's")
 
 
 def _check_sharding(where: str, sharding: ShardingSettings, names: list[str]) -> None:

@@ -10,13 +10,15 @@ import asyncio
 import itertools
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import asyncpg
+import msgspec
 
 from .pools import create_pool
-from .settings import DatabaseSettings, NodeSettings, Settings
+from .settings import DatabaseSettings, NodeSettings, PoolSettings, ServiceSettings, Settings
 from .sharding import ShardFunction
 
 Role = Literal["primary", "replica"]
@@ -31,6 +33,10 @@ class Node:
     # Labels for metrics and logs: the logical database and the shard ("" if none).
     db_label: str = ""
     shard_label: str = ""
+    # What makes two configurations' nodes the same node (and keeps its pool on reload).
+    identity: tuple[object, ...] = ()
+    # The shard it belongs to in the current table (probes update its history and lag).
+    shard: Shard | None = None
     pool: asyncpg.Pool | None = None
     # Written by the health probe.
     up: bool = True
@@ -63,7 +69,8 @@ class Node:
 class Shard:
     name: str | None
     index: int
-    primary: Node
+    # The configured (or catalog-tagged) primary; None while a catalog lists none.
+    primary: Node | None
     replicas: list[Node]
     rr: itertools.count = field(default_factory=itertools.count)
     # (monotonic time, primary LSN) samples, to turn replica positions into seconds of lag.
@@ -77,7 +84,7 @@ class Shard:
 
     @property
     def nodes(self) -> list[Node]:
-        return [self.primary, *self.replicas]
+        return [self.primary, *self.replicas] if self.primary else list(self.replicas)
 
     def reporting_primary(self) -> list[Node]:
         """Nodes that are up and say they are not in recovery."""
@@ -121,6 +128,9 @@ class Topology:
     databases: dict[str, Database]
     # A shard's name used as a database name routes to that shard.
     shard_aliases: dict[str, tuple[Database, int]]
+    # Requests running on this table; a replaced table's removed nodes close at 0.
+    users: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def nodes(self) -> list[Node]:
@@ -133,36 +143,122 @@ class Topology:
         return self.shard_aliases.get(name)
 
     async def close(self) -> None:
-        pools = {id(n.pool): n.pool for n in self.nodes if n.pool is not None}
-        await asyncio.gather(*(p.close() for p in pools.values()), return_exceptions=True)
+        await close_pools(self.nodes)
+
+    def enter(self) -> None:
+        """A request starts using this table (see :meth:`released`)."""
+        self.users += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self._idle.set()
+
+    async def released(self) -> None:
+        """Wait until no request that started on this table is still running."""
+        if self.users:
+            await self._idle.wait()
 
 
-def _node(settings: NodeSettings, database: str, role: Role, logical: str, shard: str) -> Node:
-    return Node(settings.label(database), settings, database, role, logical, shard)
+@dataclass(frozen=True)
+class CatalogNode:
+    """One passing instance of a Consul service."""
+
+    id: str
+    address: str
+    port: int
+    tags: tuple[str, ...] = ()
 
 
-def build(settings: Settings) -> Topology:
+# Service name -> its passing instances, as the registry last reported them.
+Catalog = Mapping[str, Sequence[CatalogNode]]
+
+
+class _Builder:
+    """Builds a topology, reusing the Node (pool, probe, state) of every node whose
+    identity is unchanged, so a reload does not reconnect what it did not change."""
+
+    def __init__(self, catalog: Catalog, previous: Topology | None) -> None:
+        self.catalog = catalog
+        self.reuse = {n.identity: n for n in previous.nodes} if previous else {}
+        self.history = (
+            {(db.name, s.name): s.history for db in previous.databases.values() for s in db.shards}
+            if previous
+            else {}
+        )
+
+    def node(
+        self, settings: NodeSettings, database: str, role: Role, logical: str, shard: str,
+        pool: PoolSettings,
+    ) -> Node:  # fmt: skip
+        identity = (
+            logical, shard, role, database,
+            msgspec.json.encode(settings), msgspec.json.encode(pool),
+        )  # fmt: skip
+        found = self.reuse.get(identity)
+        if found is not None:
+            return found
+        return Node(settings.label(database), settings, database, role, logical, shard, identity)
+
+    def shard(
+        self, name: str | None, index: int, database: str, logical: str, pool: PoolSettings,
+        primary: NodeSettings | None, replicas: list[NodeSettings], service: ServiceSettings | None,
+    ) -> Shard:  # fmt: skip
+        if service is not None:
+            primary, replicas = self._discovered(service)
+        label = name or ""
+        shard = Shard(
+            name,
+            index,
+            None
+            if primary is None
+            else self.node(primary, database, "primary", logical, label, pool),
+            [self.node(r, database, "replica", logical, label, pool) for r in replicas],
+        )
+        old = self.history.get((logical, name))
+        if old is not None:
+            shard.history = old
+        for node in shard.nodes:
+            node.shard = shard
+        return shard
+
+    def _discovered(
+        self, service: ServiceSettings
+    ) -> tuple[NodeSettings | None, list[NodeSettings]]:
+        primary: NodeSettings | None = None
+        replicas: list[NodeSettings] = []
+        for instance in sorted(self.catalog.get(service.name, ()), key=lambda i: i.id):
+            node = msgspec.structs.replace(
+                service.node,
+                name=f"{service.name}/{instance.id}",
+                host=instance.address,
+                port=instance.port,
+            )
+            if primary is None and set(instance.tags) & set(service.primary_tags):
+                primary = node
+            else:
+                # Untagged instances serve reads until their probe says otherwise.
+                replicas.append(node)
+        return primary, replicas
+
+
+def build(
+    settings: Settings, catalog: Catalog | None = None, previous: Topology | None = None
+) -> Topology:
     """The topology's structure, without pools (see :func:`open_pools`)."""
+    builder = _Builder(catalog or {}, previous)
     databases: dict[str, Database] = {}
     aliases: dict[str, tuple[Database, int]] = {}
     for name, cfg in settings.databases.items():
         if cfg.sharding is None:
-            assert cfg.primary is not None
-            shard = Shard(
-                None,
-                0,
-                _node(cfg.primary, name, "primary", name, ""),
-                [_node(r, name, "replica", name, "") for r in cfg.replicas],
+            shard = builder.shard(
+                None, 0, name, name, cfg.pool, cfg.primary, cfg.replicas, cfg.service
             )
             databases[name] = Database(name, cfg, [shard])
             continue
         shards = [
-            Shard(
-                s.name,
-                i,
-                _node(s.primary, s.name, "primary", name, s.name),
-                [_node(r, s.name, "replica", name, s.name) for r in s.replicas],
-            )
+            builder.shard(s.name, i, s.name, name, cfg.pool, s.primary, s.replicas, s.service)
             for i, s in enumerate(cfg.shards)
         ]
         db = Database(name, cfg, shards, ShardFunction(cfg.sharding, [s.name for s in cfg.shards]))
@@ -173,21 +269,27 @@ def build(settings: Settings) -> Topology:
 
 
 async def open_pools(topo: Topology) -> None:
-    """Open every node's pool concurrently; on failure close what was opened."""
+    """Open the pools of nodes that have none yet, concurrently.
 
-    async def open_pool(db: Database, node: Node) -> None:
-        where = f"databases.{db.name}.{node.name}"
-        node.pool = await create_pool(node.settings, node.database, db.settings.pool, where)
+    On failure the pools opened here are closed again.
+    """
+    fresh = [n for n in topo.nodes if n.pool is None]
+
+    async def open_pool(node: Node) -> None:
+        where = f"databases.{node.db_label}.{node.name}"
+        settings = topo.databases[node.db_label].settings.pool
+        node.pool = await create_pool(node.settings, node.database, settings, where)
 
     try:
-        await asyncio.gather(
-            *(
-                open_pool(db, n)
-                for db in topo.databases.values()
-                for s in db.shards
-                for n in s.nodes
-            )
-        )
+        await asyncio.gather(*(open_pool(n) for n in fresh))
     except BaseException:
-        await topo.close()
+        await close_pools(fresh)
         raise
+
+
+async def close_pools(nodes: Sequence[Node]) -> None:
+    """Close pools gracefully: each waits for its checked-out connections to come back."""
+    pools = [n.pool for n in nodes if n.pool is not None]
+    for node in nodes:
+        node.pool = None
+    await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
