@@ -1,8 +1,9 @@
 """CPU time of processes from /proc: who spent how much CPU during a measurement.
 
-Times are utime + stime in clock ticks, turned into seconds. A group is one process or a
-postmaster with its children; a postmaster's cutime/cstime (its reaped children's time) is
-added too, so a backend that exits during a measurement is still counted.
+A live process's time comes from /proc/<pid>/task/*/schedstat (nanoseconds on a CPU, every
+thread), or from utime + stime in clock ticks where schedstat is missing. A group is one
+process or a postmaster with its children; a postmaster's cutime/cstime (its reaped
+children's time, in ticks) is added too, so a backend that exits mid-measurement still counts.
 """
 
 from __future__ import annotations
@@ -32,7 +33,27 @@ def read(pid: int | str) -> ProcTimes | None:
     # The command name in parentheses may hold spaces; fields 3.. follow the last ')'.
     fields = text[text.rindex(")") + 2 :].split()
     utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
-    return ProcTimes(int(fields[1]), (utime + stime) / TICK, (cutime + cstime) / TICK)
+    own = _schedstat(pid)
+    if own is None:
+        own = (utime + stime) / TICK
+    return ProcTimes(int(fields[1]), own, (cutime + cstime) / TICK)
+
+
+def _schedstat(pid: int | str) -> float | None:
+    """Seconds on a CPU over every thread of ``pid`` (ns resolution), None if unavailable."""
+    total, read_any = 0, False
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+            read_any = True
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just exited, or no schedstat in this kernel
+    return total / 1e9 if read_any else None
 
 
 def _all() -> dict[int, ProcTimes]:

@@ -62,6 +62,10 @@ def summarise(collapsed: str, top: int = 25) -> dict[str, Any]:
             for f, c in counter.most_common(n)
         ]
 
+    # Frames under (nearly) every sample are entry points, not findings.
+    for frame in [f for f, c in inclusive.items() if total and c / total >= 0.95]:
+        del inclusive[frame]
+
     return {
         "samples": total,
         "self_by_package": ranked(packages, 50),

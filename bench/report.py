@@ -18,6 +18,10 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
 def summarise(
     workloads: list[Workload],
     raw: dict[str, dict[str, list[dict[str, Any]]]],
@@ -52,15 +56,25 @@ def summarise(
                 "other_cores_median": _median([r["other_cores"] for r in reps]),
                 "reps": reps,
             }
-        base = per_variant.get(BASELINE, {}).get("median")
+        baseline = per_variant.get(BASELINE, {})
+        base_reps = {r["rep"]: r for r in baseline.get("reps", [])}
         for entry in per_variant.values():
-            median = entry.get("median")
-            entry["ratio_to_asyncpg"] = median / base if median is not None and base else None
-            cpu_base = per_variant.get(BASELINE, {}).get("cpu_us_per_op_median", {}).get("total")
-            cpu_total = entry.get("cpu_us_per_op_median", {}).get("total")
-            entry["cpu_total_ratio_to_asyncpg"] = (
-                cpu_total / cpu_base if cpu_total is not None and cpu_base else None
+            for field, source in (
+                ("ratio_to_asyncpg", "median"),
+                ("p99_ratio_to_asyncpg", "p99_us_median"),
+            ):
+                entry[field] = _ratio(entry.get(source), baseline.get(source))
+            entry["cpu_total_ratio_to_asyncpg"] = _ratio(
+                entry.get("cpu_us_per_op_median", {}).get("total"),
+                baseline.get("cpu_us_per_op_median", {}).get("total"),
             )
+            for rep in entry.get("reps", []):
+                # Paired with asyncpg's measurement of the same repetition.
+                same = base_reps.get(rep["rep"], {})
+                rep["ratio_to_asyncpg"] = _ratio(rep["value"], same.get("value"))
+                rep["cpu_total_ratio_to_asyncpg"] = _ratio(
+                    rep["cpu_us_per_op"].get("total"), same.get("cpu_us_per_op", {}).get("total")
+                )
         out[w.key] = {
             "title": w.title,
             "metric": w.metric,

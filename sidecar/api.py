@@ -161,6 +161,12 @@ async def quit(request: Request, state: SidecarState) -> Response:
     return json_response({"status": "draining"})
 
 
+async def admin_reload(request: Request, state: SidecarState) -> Response:
+    result = await state.config.reload("api")
+    error = state.config.last_error if result == "error" else None
+    return json_response({"result": result, "error": error}, 422 if error else 200)
+
+
 def _route(path: str, handler: Handler, method: str = "POST") -> Route:
     return Route(path, _endpoint(handler, path), methods=[method])
 
@@ -177,6 +183,7 @@ def data_app(state: SidecarState) -> Starlette:
             _route("/v1/topology", topology, "GET"),
             _route("/openapi.json", openapi, "GET"),
             _route("/quitquitquit", quit),
+            _route("/v1/admin/reload", admin_reload),
         ]
     )
     app.state.sidecar = state

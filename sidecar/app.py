@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -25,9 +25,10 @@ from .api import data_app
 from .dispatch import Dispatcher
 from .health import Prober
 from .ops import ops_app
+from .reload import ConfigManager
 from .settings import ConfigError, Settings
 from .state import SidecarState
-from .topology import build, open_pools
+from .topology import Topology
 from .transactions import Transactions
 
 log = logging.getLogger("dbsidecar")
@@ -86,34 +87,30 @@ def _register_secrets(settings: Settings) -> None:
                     logs.register_secret(urlsplit(node.dsn).password)
 
 
-async def serve(
-    settings: Settings, announce: Callable[[str], None] = print, source: str = "file"
-) -> int:
+async def serve(config: ConfigManager, announce: Callable[[str], None] = print) -> int:
     """Run the sidecar until a signal asks it to stop; returns the exit code."""
     began = time.monotonic()
-    topology = build(settings)
+    settings = config.current
+    dispatcher = Dispatcher(Topology({}, {}), settings)
     prober = Prober(settings.health)
-    dispatcher = Dispatcher(topology, settings)
     transactions = Transactions(dispatcher, settings.transactions)
-    state = SidecarState(settings, topology, dispatcher, prober, transactions)
+    state = SidecarState(settings, dispatcher, prober, transactions, config)
     _register_secrets(settings)
     collector = metrics.StateCollector(lambda: state)
     metrics.registry.register(collector)
-    metrics.initialize(state)
-    metrics.config_reloads.labels(source, "success").inc()
-    metrics.config_last_success.set(time.time())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(config.reload("signal")))
     state.on_quit = stop.set
     data, ops, where = _listeners(state)
     tasks: list[asyncio.Task[None]] = []
     try:
         # The ops port first, so /startupz answers 503 while the rest starts.
         tasks.append(asyncio.create_task(ops.serve()))
-        await open_pools(topology)
-        await prober.watch(topology.nodes)
+        await config.start(state)
+        metrics.initialize(state)
         transactions.start()
         tasks += [asyncio.create_task(s.serve()) for s in data]
         while not all(s.started for s in [*data, ops]):
@@ -125,6 +122,7 @@ async def serve(
                 raise RuntimeError("a listener stopped during startup")
             await asyncio.sleep(0.01)
         state.started = True
+        topology = state.topology
         announce(
             f"dbsidecar ready in {time.monotonic() - began:.1f} s: data API "
             f"{' and '.join(where)}, ops http://{settings.ops.host}:{settings.ops.port} "
@@ -134,17 +132,28 @@ async def serve(
         state.draining = True
         transactions.accepting = False
         announce(f"dbsidecar draining {state.inflight} in-flight requests")
-        if not await state.drained(settings.shutdown.drain_timeout):
+        if not await state.drained(state.settings.shutdown.drain_timeout):
             log.warning("drain deadline passed with %d requests in flight", state.inflight)
     finally:
         for server in [*data, ops]:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
+        await config.stop()
         await transactions.close()
         await prober.stop()
-        await topology.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        await state.topology.close()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         metrics.registry.unregister(collector)
     announce("dbsidecar stopped")
     return 0
+
+
+_background: set[asyncio.Task[object]] = set()
+
+
+def _spawn(coro: Coroutine[object, object, object]) -> None:
+    """Run a coroutine from a signal handler, keeping a reference until it ends."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import signal
 import sys
@@ -20,7 +19,7 @@ import uvloop
 import yaml
 
 from . import __version__, logs
-from .settings import ConfigError, Settings, build_settings, env_overrides, load_settings, merge
+from .settings import ConfigError, Settings, load_settings
 
 DEFAULT_OPS = "http://127.0.0.1:9432"
 
@@ -45,14 +44,16 @@ def _logging(level: str, fmt: str = "json") -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .app import serve
+    from .reload import ConfigManager
 
     try:
-        settings = load_settings(args.config)
+        config = ConfigManager(args.config)
     except ConfigError as exc:
         print(f"dbsidecar: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    settings = config.current
     _logging(args.log_level or settings.logging.level, settings.logging.format)
-    return _run_loop(serve(settings, announce=_announce))
+    return _run_loop(serve(config, announce=_announce))
 
 
 def _announce(line: str) -> None:
@@ -63,6 +64,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from .app import serve
     from .dev import dev_config
     from .localdb import LocalDbError, LocalTopology
+    from .reload import ConfigManager
 
     _logging(args.log_level, "text")
     # Until the sidecar installs its own handlers, SIGTERM must still unwind
@@ -85,9 +87,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
         config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
         config_path.chmod(0o600)
         _announce(f"configuration written to {config_path}")
-        settings = build_settings(merge(doc, env_overrides(os.environ)))
         logs.register_secret(topo.password)
-        return _run_loop(serve(settings, announce=_announce, source="dev"))
+        try:
+            config = ConfigManager(str(config_path))
+        except ConfigError as exc:
+            print(f"dbsidecar dev: invalid configuration: {exc}", file=sys.stderr)
+            return 2
+        return _run_loop(serve(config, announce=_announce))
     except KeyboardInterrupt:
         return 130
     finally:

@@ -194,6 +194,13 @@ class StateCollector(Collector):
         open_tx.add_metric([], len(state.transactions.open))
         yield from (up, primary, lag_bytes, lag_seconds, probe, pool, pool_max, split)
         yield from (decisions, cache, open_tx)
+        registry = state.config.registry
+        if registry is not None:
+            registry_up = GaugeMetricFamily(
+                "dbsidecar_registry_up", "1 while the configuration registry (Consul) answers."
+            )
+            registry_up.add_metric([], 1.0 if registry.up else 0.0)
+            yield registry_up
 
 
 def exposition(accept: str | None) -> tuple[bytes, str]:

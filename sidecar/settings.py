@@ -418,11 +418,13 @@ def build_settings(document: Mapping[str, Any]) -> Settings:
 
 def load_settings(path: str | Path | None, environ: Mapping[str, str] = os.environ) -> Settings:
     """The file (if any) overlaid with the environment."""
-    doc: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
-        doc = parse_document(text, str(path))
+    doc = {} if path is None else read_document(path)
     return build_settings(merge(doc, env_overrides(environ)))
+
+
+def read_document(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    return parse_document(text, str(path))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from .dispatch import Dispatcher
 from .health import Prober
+from .reload import ConfigManager
 from .settings import Settings
 from .topology import Topology
 from .transactions import Transactions
@@ -17,10 +18,10 @@ from .transactions import Transactions
 @dataclass(eq=False)
 class SidecarState:
     settings: Settings
-    topology: Topology
     dispatcher: Dispatcher
     prober: Prober
     transactions: Transactions
+    config: ConfigManager
     # Configuration loaded, pools created, data listener accepting.
     started: bool = False
     # SIGTERM or /quitquitquit: readiness is 503, in-flight work drains.
@@ -30,6 +31,11 @@ class SidecarState:
     # Set by the process: begins the same drain as SIGTERM.
     on_quit: Callable[[], None] | None = None
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def topology(self) -> Topology:
+        """The routing table in force (a reload swaps it)."""
+        return self.dispatcher.topology
 
     def request_started(self) -> None:
         self.inflight += 1

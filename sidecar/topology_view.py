@@ -50,6 +50,7 @@ def topology_document(state: SidecarState) -> dict[str, Any]:
         "uptime_seconds": round(time.time() - state.started_at, 3),
         "inflight": state.inflight,
         "compile_cache": {"hits": compiler.hits, "misses": compiler.misses},
+        "config": state.config.document(),
         "routing": {
             f"{db}/{kind}": n for (db, kind), n in sorted(state.dispatcher.router.decisions.items())
         },

@@ -71,7 +71,7 @@ async def test_metrics_move_with_the_workload(sidecar) -> None:
     assert samples(after, "dbsidecar_node_role_is_primary", node="primary/orders") == 1
     assert samples(after, "dbsidecar_pool_max_connections", node="primary/orders") == 10
     assert samples(after, "dbsidecar_build_info") == 1
-    assert samples(after, "dbsidecar_config_reloads_total", source="file", result="success") == 1
+    assert samples(after, "dbsidecar_config_reloads_total", source="startup", result="success") == 1
     assert moved("dbsidecar_compile_cache_lookups_total", result="hit") >= 1
     # No unbounded labels: nothing that looks like SQL or a value.
     for family in text_string_to_metric_families(after):
