@@ -202,8 +202,9 @@ class ConfigManager:
     async def reload(self, source: str) -> Result:
         async with self._lock:
             try:
-                if source == "file":
-                    self.file_doc = self._read_file()
+                # Whatever asked, the file is read again: SIGHUP and the API mean "look".
+                self.file_doc = self._read_file()
+                self._file_signature = self._signature()
                 settings = self.compose()
             except ConfigError as exc:
                 self._failed(source, exc)
