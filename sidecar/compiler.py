@@ -40,6 +40,8 @@ class Statement:
     returns_rows: bool
     kinds: list[str | None] | None = None
     columns: list[str] | None = None
+    # False for raw SQL, which may change session state (SET, LISTEN, PREPARE, ...).
+    session_safe: bool = True
 
 
 @dataclass(slots=True)
@@ -59,7 +61,8 @@ class Compiler:
     def compile(self, plan: Plan) -> Compiled:
         if isinstance(plan, Raw):
             # Raw SQL is the caller's own text: nothing to cache by shape.
-            return Compiled(Statement(plan.sql, True), [plancheck.value(p) for p in plan.params])
+            statement = Statement(plan.sql, True, session_safe=False)
+            return Compiled(statement, [plancheck.value(p) for p in plan.params])
         params: list[Any] = []
         key = self._shape(plan, params)
         if len(params) > MAX_PARAMS:

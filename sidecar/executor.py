@@ -156,6 +156,8 @@ async def execute(
 ) -> list[Outcome]:
     """Run statements on one node, in one transaction when asked (or when several)."""
     async with connection(node, acquire_timeout) as conn:
+        if not all(c.statement.session_safe for c in statements):
+            conn.mark_dirty()
         outcomes: list[Outcome] = []
         try:
             if transaction or len(statements) > 1 or readonly:

@@ -17,6 +17,24 @@ def _json_encode(value: Any) -> str:
     return msgspec.json.encode(value).decode()
 
 
+class SidecarConnection(asyncpg.Connection):
+    """A connection that remembers whether it ran anything that can leave session
+    state behind (raw SQL, an interactive transaction)."""
+
+    __slots__ = ("_dirty",)
+
+    def mark_dirty(self) -> None:
+        self._dirty = True
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    # Compiled plans leave no session state, so releasing after one costs no round
+    # trip; a connection that ran raw SQL or a transaction gets asyncpg's full reset.
+    if getattr(conn, "_dirty", False):
+        conn._dirty = False
+        await conn.reset()
+
+
 async def _setup_connection(conn: asyncpg.Connection) -> None:
     # JSON columns travel as documents ({"$json": ...}), not as their text.
     for typ in ("json", "jsonb"):
@@ -45,6 +63,8 @@ async def create_pool(
         max_size=settings.max_size,
         max_inactive_connection_lifetime=settings.max_inactive_connection_lifetime,
         init=_setup_connection,
+        reset=_reset,
+        connection_class=SidecarConnection,
         timeout=settings.connect_timeout,
         server_settings={
             "application_name": "dbsidecar",

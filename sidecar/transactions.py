@@ -90,6 +90,7 @@ class Transactions:
             ) from None
         except Exception as exc:
             raise from_exception(exc, writes=False) from exc
+        conn.mark_dirty()  # whatever runs inside may leave session state
         try:
             pg_tx = conn.transaction()
             await pg_tx.start()
