@@ -19,14 +19,15 @@ import msgspec
 
 from . import metrics
 from .consistency import merge_tokens
-from .errors import DbSidecarError
-from .protocol import Batch, BatchResult, Plan, Result, plan_writes
+from .errors import DbSidecarError, from_error_body
+from .protocol import Batch, BatchResult, BundleResult, Plan, Result, plan_writes
 from .transactions import Transaction
-from .transport import Transport
+from .transport import Transport, request_id
 
 DEFAULT_URL = "http://127.0.0.1:7432"
 _result = msgspec.json.Decoder(Result)
 _batch_result = msgspec.json.Decoder(BatchResult)
+_bundle_result = msgspec.json.Decoder(BundleResult)
 
 
 class Database:
@@ -40,6 +41,7 @@ class Database:
         database: str,
         consistency: Literal["session", "eventual"] = "session",
         read_retries: int = 3,
+        batching: bool = True,
     ) -> None:
         if consistency not in ("session", "eventual"):
             raise ValueError("consistency is 'session' or 'eventual'")
@@ -50,6 +52,10 @@ class Database:
         self.read_retries = read_retries
         # The newest write token seen through this handle (read-your-writes).
         self.token: str | None = None
+        # Auto-batching: plans issued in the same event-loop turn share one request.
+        self.batching = batching
+        self._pending: list[tuple[bytes, asyncio.Future[Result]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"<Database {self.name!r} {self.database!r} via {self.transport.url}>"
@@ -79,7 +85,7 @@ class Database:
         while True:
             began = time.perf_counter()
             try:
-                result = await self.transport.request("POST", "/v1/query", body, _result)
+                result = await self._send(body)
                 metrics.observe(self.database, op, "ok", time.perf_counter() - began)
                 break
             except DbSidecarError as exc:
@@ -91,6 +97,49 @@ class Database:
                 attempt += 1
         self.observe(result.lsn)
         return result
+
+    async def _send(self, body: bytes) -> Result:
+        if not self.batching or request_id.get() is not None:
+            # A request id names one request, so plans carrying one go alone.
+            return await self.transport.request("POST", "/v1/query", body, _result)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        self._pending.append((body, future))
+        if len(self._pending) == 1:
+            # Runs after every coroutine that is ready in this turn had its chance to queue.
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._deliver(pending))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _deliver(self, pending: list[tuple[bytes, asyncio.Future[Result]]]) -> None:
+        try:
+            if len(pending) == 1:
+                body, future = pending[0]
+                outcomes: list[Result | BaseException] = [
+                    await self.transport.request("POST", "/v1/query", body, _result)
+                ]
+            else:
+                # The plans are JSON already: join them rather than decode and encode again.
+                bundle = b'{"plans":[' + b",".join(b for b, _ in pending) + b"]}"
+                reply = await self.transport.request("POST", "/v1/bundle", bundle, _bundle_result)
+                outcomes = [
+                    item.result if item.error is None else from_error_body(item.error, item.status)
+                    for item in reply.items
+                ]  # type: ignore[misc]
+        except BaseException as exc:
+            outcomes = [exc] * len(pending)
+        for (_, future), outcome in zip(pending, outcomes, strict=True):
+            if future.done():
+                continue  # its caller gave up (cancelled)
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
     async def batch(self, plans: list[Plan]) -> BatchResult:
         """Plans in one transaction: all succeed or none does."""
@@ -118,9 +167,12 @@ class ConnectionManager:
 
     @classmethod
     def configure(cls, config: dict[str, dict[str, Any]]) -> None:
-        """Name handles: ``{name: {sidecar, database, token?, timeout?, consistency?}}``."""
+        """Name handles: ``{name: {sidecar, database, token?, timeout?, consistency?,
+        batching?}}``."""
         for name, entry in config.items():
-            unknown = set(entry) - {"sidecar", "database", "token", "timeout", "consistency"}
+            unknown = set(entry) - {
+                "sidecar", "database", "token", "timeout", "consistency", "batching"
+            }  # fmt: skip
             if unknown:
                 raise ValueError(f"handle {name!r}: unknown settings {sorted(unknown)}")
             if "database" not in entry:
@@ -157,6 +209,7 @@ class ConnectionManager:
             transport=transport,
             database=entry["database"],
             consistency=entry.get("consistency", "session"),
+            batching=bool(entry.get("batching", True)),
         )
         cls._handles[name] = handle
         return handle
@@ -181,7 +234,11 @@ class ConnectionManager:
         handle = cls._derived.get(key)
         if handle is None:
             handle = Database(
-                database, transport=base.transport, database=database, consistency=base.consistency
+                database,
+                transport=base.transport,
+                database=database,
+                consistency=base.consistency,
+                batching=base.batching,
             )
             cls._derived[key] = handle
         return handle

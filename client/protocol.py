@@ -152,6 +152,24 @@ class BatchResult(msgspec.Struct, omit_defaults=True):
     lsn: str | None = None
 
 
+class Bundle(msgspec.Struct, forbid_unknown_fields=True):
+    """Independent plans in one HTTP request (client auto-batching): each runs on its
+    own, concurrently, and succeeds or fails on its own. Not a transaction."""
+
+    plans: list[Plan]
+
+
+class BundleItem(msgspec.Struct, omit_defaults=True):
+    # Exactly one of the two; status is the HTTP status the plan alone would have got.
+    result: Result | None = None
+    error: ErrorBody | None = None
+    status: int = 200
+
+
+class BundleResult(msgspec.Struct):
+    items: list[BundleItem]
+
+
 class TxBegin(msgspec.Struct, forbid_unknown_fields=True):
     database: str
     route: Route = msgspec.field(default_factory=Route)

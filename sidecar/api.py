@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -16,7 +17,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from client.protocol import Batch, ErrorEnvelope, Plan, TxBegin, TxDone, TxOpened
+from client.protocol import (
+    Batch,
+    Bundle,
+    BundleItem,
+    BundleResult,
+    ErrorEnvelope,
+    Plan,
+    TxBegin,
+    TxDone,
+    TxOpened,
+)
 
 from . import logs, metrics
 from .errors import SidecarError
@@ -31,6 +42,7 @@ _encoder = msgspec.json.Encoder(enc_hook=str)
 _plan_decoder = msgspec.json.Decoder(Plan)
 _batch_decoder = msgspec.json.Decoder(Batch)
 _begin_decoder = msgspec.json.Decoder(TxBegin)
+_bundle_decoder = msgspec.json.Decoder(Bundle)
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -126,6 +138,27 @@ async def batch(request: Request, state: SidecarState) -> Response:
     return json_response(await state.dispatcher.run_batch(body.plans))
 
 
+async def bundle(request: Request, state: SidecarState) -> Response:
+    body = _decode(_bundle_decoder, await _body(request, state))
+    limit = state.settings.limits.max_batch_plans
+    if len(body.plans) > limit:
+        raise SidecarError(400, "bad_plan", f"a bundle holds at most {limit} plans")
+
+    async def one(plan: Plan) -> BundleItem:
+        try:
+            return BundleItem(result=await state.dispatcher.run(plan))
+        except SidecarError as exc:
+            return BundleItem(error=exc.body(), status=exc.status)
+        except Exception:
+            log.exception("unexpected error in a bundled plan")
+            error = SidecarError(500, "internal", "internal error in the sidecar; see its log")
+            return BundleItem(error=error.body(), status=500)
+
+    metrics.bundle_size.observe(len(body.plans))
+    items = await asyncio.gather(*(one(p) for p in body.plans))
+    return json_response(BundleResult(items=list(items)))
+
+
 async def tx_begin(request: Request, state: SidecarState) -> Response:
     body = _decode(_begin_decoder, await _body(request, state))
     tx_id = await state.transactions.begin(body.database, body.route.shard)
@@ -176,6 +209,7 @@ def data_app(state: SidecarState) -> Starlette:
         routes=[
             _route("/v1/query", query),
             _route("/v1/batch", batch),
+            _route("/v1/bundle", bundle),
             _route("/v1/tx", tx_begin),
             _route("/v1/tx/{tx_id}", tx_run),
             _route("/v1/tx/{tx_id}/commit", tx_commit),

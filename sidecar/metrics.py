@@ -84,6 +84,12 @@ batch_size = Histogram(
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
     registry=registry,
 )
+bundle_size = Histogram(
+    "dbsidecar_bundle_size",
+    "Plans per bundle (independent plans the client batched into one request).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    registry=registry,
+)
 config_reloads = Counter(
     "dbsidecar_config_reloads_total",
     "Configuration loads by source and result (success or error).",
