@@ -121,8 +121,11 @@ class Dispatcher:
         if not writes and len(shards) > 1:
             self.router.count(db, "scatter")
             return await self._scatter(db, plan, shards)
-        outcomes = await asyncio.gather(*(self._on_shard(db, s, plan, writes) for s in shards))
-        flat = [o for group in outcomes for o in group]
+        if len(shards) == 1:
+            flat = await self._on_shard(db, shards[0], plan, writes)  # no task for one shard
+        else:
+            groups = await asyncio.gather(*(self._on_shard(db, s, plan, writes) for s in shards))
+            flat = [o for group in groups for o in group]
         if len(flat) == 1:
             return to_result(flat[0], _token(db, flat))
         return Result(
@@ -196,9 +199,9 @@ class Dispatcher:
             raise
         finally:
             elapsed = time.perf_counter() - began
-            labels = (db.name, shard.name or "", role, op)
-            metrics.query_duration.labels(*labels).observe(elapsed)
-            metrics.queries_total.labels(*labels, outcome).inc()
+            shard_label = shard.name or ""
+            metrics.query_seconds(db.name, shard_label, role, op).observe(elapsed)
+            metrics.query_count(db.name, shard_label, role, op, outcome).inc()
             if elapsed * 1000 >= self.settings.logging.slow_query_ms:
                 log.warning(
                     "slow query",

@@ -88,8 +88,11 @@ async def connection(node: Node, acquire_timeout: float) -> AsyncIterator[asyncp
         raise SidecarError(503, "node_unavailable", f"node {node.name} has no pool", retryable=True)
     labels = (node.db_label, node.shard_label, node.name)
     began = time.perf_counter()
+    # With an idle connection the acquire cannot wait, so skip asyncio.timeout's cost
+    # (the largest single item in the sidecar's profile at concurrency 32).
+    timeout = None if node.pool.get_idle_size() else acquire_timeout
     try:
-        conn = await node.pool.acquire(timeout=acquire_timeout)
+        conn = await node.pool.acquire(timeout=timeout)
     except TimeoutError:
         metrics.pool_acquire_timeouts.labels(*labels).inc()
         raise SidecarError(

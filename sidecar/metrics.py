@@ -9,8 +9,9 @@ per-query values. One process per sidecar, so no multiprocess mode.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -103,6 +104,29 @@ config_last_success = Gauge(
 )
 build_info = Gauge("dbsidecar_build_info", "The running version.", ["version"], registry=registry)
 build_info.labels(__version__).set(1)
+
+
+# The hot path asks for the same labelled series over and over; prometheus-client's
+# labels() takes a lock and builds a key each time, a cached lookup does not.
+# Label values are bounded by the configuration, so the caches are too.
+@functools.cache
+def query_seconds(database: str, shard: str, role: str, op: str) -> Any:
+    return query_duration.labels(database, shard, role, op)
+
+
+@functools.cache
+def query_count(database: str, shard: str, role: str, op: str, outcome: str) -> Any:
+    return queries_total.labels(database, shard, role, op, outcome)
+
+
+@functools.cache
+def request_seconds(endpoint: str) -> Any:
+    return request_duration.labels(endpoint)
+
+
+@functools.cache
+def request_count(endpoint: str, code: int) -> Any:
+    return requests_total.labels(endpoint, str(code))
 
 
 def initialize(state: SidecarState) -> None:
