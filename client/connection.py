@@ -148,10 +148,6 @@ class Database:
         self.observe(result.lsn)
         return result
 
-    def derive(self, database: str) -> Database:
-        """The same sidecar and settings for another logical database (or shard)."""
-        return ConnectionManager.handle_for(self, database)
-
 
 # What using() accepts once resolved: a handle, or a transaction opened on one.
 Handle = Database | Transaction

@@ -18,12 +18,9 @@ from typing import Any, Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 1
-
 COMPARISON_OPS = frozenset(
     {"=", "!=", "<", "<=", ">", ">=", "in", "not_in", "like", "ilike", "is_null", "between"}
 )
-AGGREGATE_FUNCTIONS = frozenset({"count", "sum", "avg", "min", "max"})
 ALL_SHARDS = "*"
 
 

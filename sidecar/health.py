@@ -135,7 +135,7 @@ class Prober:
             log.warning("node %s rejoined as a replica", node.name)
         node.in_recovery = in_recovery
         previous = node.lsn
-        node.lsn, node.lsn_at = lsn, now
+        node.lsn = lsn
         if (
             node is shard.lag_reference()
             and lsn is not None

@@ -98,9 +98,9 @@ class ServiceSettings(_Section):
     # What every discovered node connects to: database, user, password_env, ...
     # (host and port come from the catalog).
     node: NodeSettings = msgspec.field(default_factory=NodeSettings)
-    # Instance tags naming the role, as Patroni registers them.
+    # Instance tags naming the primary, as Patroni registers it; every other passing
+    # instance is a replica until its own probe says otherwise.
     primary_tags: list[str] = msgspec.field(default_factory=lambda: ["primary", "master"])
-    replica_tags: list[str] = msgspec.field(default_factory=lambda: ["replica", "standby"])
 
 
 class ShardSettings(_Section):

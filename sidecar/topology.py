@@ -43,7 +43,6 @@ class Node:
     in_recovery: bool | None = None
     # Current WAL position on a primary, replay position on a replica.
     lsn: int | None = None
-    lsn_at: float = 0.0
     lag_bytes: int | None = None
     lag_seconds: float | None = None
     latency: float | None = None
