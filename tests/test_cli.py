@@ -149,3 +149,15 @@ def test_client_imports_with_only_aiohttp_and_msgspec() -> None:
 def test_example_configuration_is_valid() -> None:
     result = run_cli("check-config", "--config", str(ROOT / "config" / "example.yaml"))
     assert result.returncode == 0, result.stderr
+
+
+def test_helm_chart_default_config_is_a_valid_sidecar_configuration() -> None:
+    import yaml
+
+    from sidecar.settings import build_settings
+
+    values = yaml.safe_load((ROOT / "helm" / "dbsidecar" / "values.yaml").read_text())
+    config = dict(values["config"])
+    config["databases"] = {"orders": {"primary": {"host": "db", "database": "orders"}}}
+    settings = build_settings(config)
+    assert settings.listen.uds and settings.ops.host == "0.0.0.0"
