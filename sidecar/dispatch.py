@@ -31,7 +31,7 @@ from client.protocol import (
 )
 
 from . import merge, metrics, sharding
-from .compiler import Compiler
+from .compiler import Compiled, Compiler
 from .errors import SidecarError, bad_plan
 from .executor import Outcome, execute, to_result
 from .router import Router
@@ -124,7 +124,10 @@ class Dispatcher:
         if len(shards) == 1:
             flat = await self._on_shard(db, shards[0], plan, writes)  # no task for one shard
         else:
-            groups = await asyncio.gather(*(self._on_shard(db, s, plan, writes) for s in shards))
+            compiled = self.compiler.compile(plan)  # one plan, the same SQL on every shard
+            groups = await asyncio.gather(
+                *(self._on_shard(db, s, plan, writes, compiled=compiled) for s in shards)
+            )
             flat = [o for group in groups for o in group]
         if len(flat) == 1:
             return to_result(flat[0], _token(db, flat))
@@ -138,9 +141,15 @@ class Dispatcher:
         )
 
     async def _on_shard(
-        self, db: Database, shard: Shard, plan: Plan, writes: bool, count: bool = True
+        self,
+        db: Database,
+        shard: Shard,
+        plan: Plan,
+        writes: bool,
+        count: bool = True,
+        compiled: Compiled | None = None,
     ) -> list[Outcome]:
-        compiled = self.compiler.compile(plan)
+        compiled = compiled or self.compiler.compile(plan)
         if writes:
             node, role = self.router.writer(db, shard), "primary"
             if count:
@@ -226,8 +235,9 @@ class Dispatcher:
         return choice.node, choice.role
 
     async def _gather(self, db: Database, plan: Plan, shards: list[Shard]) -> list[Outcome]:
+        compiled = self.compiler.compile(plan)
         groups = await asyncio.gather(
-            *(self._on_shard(db, s, plan, writes=False, count=False) for s in shards)
+            *(self._on_shard(db, s, plan, False, False, compiled) for s in shards)
         )
         return [o for group in groups for o in group]
 
