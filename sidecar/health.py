@@ -120,6 +120,14 @@ class Prober:
 
     def _observe(self, shard: Shard, node: Node, in_recovery: bool, lsn: int | None) -> None:
         now = time.monotonic()
+        if node.in_recovery is None and (node.configured_role == "replica") != in_recovery:
+            # Configuration or catalog tags said otherwise; what the node reports wins.
+            log.warning(
+                "node %s is configured as %s but reports %s; going by the node",
+                node.name,
+                node.configured_role,
+                "recovery" if in_recovery else "primary role",
+            )
         if node.in_recovery is not None and node.in_recovery != in_recovery:
             log.warning(
                 "node %s now reports %s", node.name, "recovery" if in_recovery else "primary role"
