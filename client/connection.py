@@ -25,6 +25,7 @@ from .transactions import Transaction
 from .transport import Transport, request_id
 
 DEFAULT_URL = "http://127.0.0.1:7432"
+MAX_BUNDLE = 256
 _result = msgspec.json.Decoder(Result)
 _batch_result = msgspec.json.Decoder(BatchResult)
 _bundle_result = msgspec.json.Decoder(BundleResult)
@@ -112,9 +113,11 @@ class Database:
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
-        task = asyncio.ensure_future(self._deliver(pending))
-        self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
+        # Bundles stay well under the sidecar's limits.max_batch_plans (1000 by default).
+        for start in range(0, len(pending), MAX_BUNDLE):
+            task = asyncio.ensure_future(self._deliver(pending[start : start + MAX_BUNDLE]))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
 
     async def _deliver(self, pending: list[tuple[bytes, asyncio.Future[Result]]]) -> None:
         try:

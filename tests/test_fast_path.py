@@ -126,3 +126,18 @@ async def test_batching_keeps_each_callers_order_and_can_be_switched_off(sidecar
     assert after["/v1/query"] - before.get("/v1/query", 0) == 10
     assert after.get("/v1/bundle", 0) == before.get("/v1/bundle", 0)
     await plain.transport.close()
+
+
+async def test_more_concurrent_plans_than_a_bundle_holds(sidecar) -> None:
+    import asyncio
+
+    from client.connection import MAX_BUNDLE
+    from client.protocol import Raw
+
+    db = handle(sidecar, batching=True)
+    count = MAX_BUNDLE * 2 + 7
+    plans = [Raw(database="orders", sql="SELECT $1::int", params=[i], writes=False)
+             for i in range(count)]  # fmt: skip
+    results = await asyncio.gather(*(db.run(p) for p in plans))
+    assert [r.rows[0][0] for r in results] == list(range(count))
+    await db.transport.close()
