@@ -67,6 +67,18 @@ async def _create_schema(topo: LocalTopology) -> None:
         await conn.close()
 
 
+@pytest.fixture
+def pair() -> Iterator[LocalTopology]:
+    """A primary and its streaming replica of one's own, for tests that stop, kill or
+    promote servers (the session topology must stay intact)."""
+    topo = LocalTopology(replica=True, databases=("orders",), log=lambda line: None)
+    topo.start()
+    try:
+        yield topo
+    finally:
+        topo.stop()
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sidecar")

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
@@ -30,14 +30,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def pair() -> Iterator[LocalTopology]:
-    topo = LocalTopology(replica=True, databases=("orders",), log=lambda line: None)
-    topo.start()
-    try:
-        asyncio.run(_schema(topo))
-        yield topo
-    finally:
-        topo.stop()
+async def with_table(pair: LocalTopology) -> LocalTopology:
+    """The pair, with table t created on the primary and replicated."""
+    await _schema(pair)
+    return pair
 
 
 async def _schema(topo: LocalTopology) -> None:
@@ -83,8 +79,8 @@ def fault_config(topo: LocalTopology, **extra: object) -> dict:
 
 
 @pytest.fixture
-async def started(pair, tmp_path) -> AsyncIterator[tuple[SidecarProcess, Database]]:
-    proc = SidecarProcess(fault_config(pair), tmp_path, "fault")
+async def started(with_table, tmp_path) -> AsyncIterator[tuple[SidecarProcess, Database]]:
+    proc = SidecarProcess(fault_config(with_table), tmp_path, "fault")
     proc.start()
     transport = Transport(proc.url)
     db = Database("fault", transport=transport, database="orders", consistency="eventual")
@@ -233,6 +229,7 @@ class Blackhole:
             conn.close()
 
 
+@pytest.mark.usefixtures("with_table")
 async def test_a_node_that_never_answers_is_down_and_nothing_hangs(pair, tmp_path) -> None:
     hole = Blackhole()
     config = fault_config(pair)

@@ -398,14 +398,6 @@ async def test_catalog_instances_become_nodes(
         proc.terminate()
 
 
-@pytest.fixture
-def pair() -> Iterator[LocalTopology]:
-    topo = LocalTopology(replica=True, databases=("orders",), log=lambda line: None)
-    topo.start()
-    yield topo
-    topo.stop()
-
-
 async def test_patroni_style_failover_moves_writes(
     pair, tmp_path, consul, consul_env, handle
 ) -> None:
