@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -72,7 +72,7 @@ class ConfigManager:
         self.last_applied = time.time()
         self._lock = asyncio.Lock()
         self._file_signature = self._signature()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # Sources
     def _read_file(self) -> dict[str, Any]:
@@ -121,7 +121,7 @@ class ConfigManager:
         metrics.config_reloads.labels("startup", "success").inc()
         metrics.config_last_success.set(time.time())
         if self.path is not None:
-            self._tasks.append(asyncio.create_task(self._watch_file(), name="config file watch"))
+            self._background(self._watch_file())
 
     async def _first_document(self) -> None:
         assert self.registry is not None
@@ -249,7 +249,7 @@ class ConfigManager:
         kept = set(topology.nodes)
         removed = [n for n in old.nodes if n not in kept]
         if removed:
-            self._tasks.append(asyncio.create_task(self._retire(old, removed)))
+            self._background(self._retire(old, removed))
 
     def _swap(self, settings: Settings, topology: Topology) -> None:
         state = self.state
@@ -276,11 +276,17 @@ class ConfigManager:
                 self._file_signature = signature
                 await self.reload("file")
 
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Kept until done (then dropped, so a hundred reloads leave nothing behind).
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self.registry is not None:
             await self.registry.stop()
 
