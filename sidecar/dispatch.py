@@ -157,27 +157,8 @@ class Dispatcher:
         else:
             node, role = await self._read_node(db, shard, plan, count)
 
-        def run_on(node: Node, role: str) -> Awaitable[list[Outcome]]:
-            return self.observed(
-                db,
-                shard,
-                node,
-                role,
-                plan,
-                execute(
-                    node,
-                    role,
-                    shard.name,
-                    [compiled],
-                    writes=writes,
-                    transaction=False,
-                    readonly=isinstance(plan, Raw) and not writes,
-                    acquire_timeout=db.settings.pool.acquire_timeout,
-                ),
-            )
-
         try:
-            return await run_on(node, role)
+            return await self._execute(db, shard, node, role, plan, compiled, writes)
         except SidecarError as exc:
             # A read whose node failed is tried once more on another eligible node (the
             # failed one is marked down by now). A write never is: it may have committed.
@@ -186,7 +167,29 @@ class Dispatcher:
             again, again_role = await self._read_node(db, shard, plan, count=False)
             if again is node:
                 raise
-            return await run_on(again, again_role)
+            return await self._execute(db, shard, again, again_role, plan, compiled, writes)
+
+    def _execute(
+        self,
+        db: Database,
+        shard: Shard,
+        node: Node,
+        role: str,
+        plan: Plan,
+        compiled: Compiled,
+        writes: bool,
+    ) -> Awaitable[list[Outcome]]:
+        statement = execute(
+            node,
+            role,
+            shard.name,
+            [compiled],
+            writes=writes,
+            transaction=False,
+            readonly=isinstance(plan, Raw) and not writes,
+            acquire_timeout=db.settings.pool.acquire_timeout,
+        )
+        return self.observed(db, shard, node, role, plan, statement)
 
     async def observed(
         self,

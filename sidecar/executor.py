@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,12 +80,11 @@ def _rowcount(status: str | None) -> int:
     return int(last) if last.isdigit() else 0
 
 
-@asynccontextmanager
-async def connection(node: Node, acquire_timeout: float) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection; failures to get one are retryable and never ran anything."""
+async def acquire(node: Node, acquire_timeout: float) -> asyncpg.Connection:
+    """A pooled connection (give it back with :func:`release`); failures to get one are
+    retryable and never ran anything."""
     if node.pool is None:
         raise SidecarError(503, "node_unavailable", f"node {node.name} has no pool", retryable=True)
-    labels = (node.db_label, node.shard_label, node.name)
     began = time.perf_counter()
     # With an idle connection the acquire cannot wait, so skip asyncio.timeout's cost
     # (the largest single item in the sidecar's profile at concurrency 32).
@@ -94,7 +92,7 @@ async def connection(node: Node, acquire_timeout: float) -> AsyncIterator[asyncp
     try:
         conn = await node.pool.acquire(timeout=timeout)
     except TimeoutError:
-        metrics.pool_acquire_timeouts.labels(*labels).inc()
+        metrics.acquire_timeouts(node.db_label, node.shard_label, node.name).inc()
         raise SidecarError(
             503,
             "pool_timeout",
@@ -108,18 +106,16 @@ async def connection(node: Node, acquire_timeout: float) -> AsyncIterator[asyncp
                 503, "node_unavailable", f"cannot connect to {node.name}: {exc}", retryable=True
             ) from None
         raise
-    metrics.pool_acquire_duration.labels(*labels).observe(time.perf_counter() - began)
+    elapsed = time.perf_counter() - began
+    metrics.acquire_seconds(node.db_label, node.shard_label, node.name).observe(elapsed)
     node.busy += 1
-    try:
-        yield conn
-    finally:
-        node.busy -= 1
-        await release(node, conn)
+    return conn
 
 
 async def release(node: Node, conn: asyncpg.Connection) -> None:
     """Hand a connection back; one that broke is closed by asyncpg, never an error here."""
     assert node.pool is not None
+    node.busy -= 1
     try:
         await node.pool.release(conn)
     except Exception as exc:
@@ -158,7 +154,8 @@ async def execute(
     acquire_timeout: float,
 ) -> list[Outcome]:
     """Run statements on one node, in one transaction when asked (or when several)."""
-    async with connection(node, acquire_timeout) as conn:
+    conn = await acquire(node, acquire_timeout)
+    try:
         if not all(c.statement.session_safe for c in statements):
             conn.mark_dirty()
         outcomes: list[Outcome] = []
@@ -185,6 +182,8 @@ async def execute(
                 error.index = len(outcomes)
             raise error from exc
         return outcomes
+    finally:
+        await release(node, conn)
 
 
 def make_outcome(

@@ -120,6 +120,16 @@ def query_count(database: str, shard: str, role: str, op: str, outcome: str) -> 
 
 
 @functools.cache
+def acquire_seconds(database: str, shard: str, node: str) -> Any:
+    return pool_acquire_duration.labels(database, shard, node)
+
+
+@functools.cache
+def acquire_timeouts(database: str, shard: str, node: str) -> Any:
+    return pool_acquire_timeouts.labels(database, shard, node)
+
+
+@functools.cache
 def request_seconds(endpoint: str) -> Any:
     return request_duration.labels(endpoint)
 

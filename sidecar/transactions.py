@@ -26,7 +26,7 @@ from . import sharding
 from .compiler import Compiled
 from .dispatch import Dispatcher
 from .errors import SidecarError, bad_plan, from_exception
-from .executor import LSN_SQL, make_outcome, release, run_statement, to_result
+from .executor import LSN_SQL, acquire, make_outcome, release, run_statement, to_result
 from .settings import TransactionSettings
 from .topology import Database, Node, Shard
 
@@ -79,17 +79,7 @@ class Transactions:
     async def _connect(self, tx: OpenTransaction, shard: Shard) -> None:
         node = self.dispatcher.router.writer(tx.db, shard)
         self.dispatcher.router.count(tx.db, "primary")
-        if node.pool is None:
-            raise SidecarError(503, "node_unavailable", f"{node.name} has no pool", retryable=True)
-        timeout = tx.db.settings.pool.acquire_timeout
-        try:
-            conn = await node.pool.acquire(timeout=timeout)
-        except TimeoutError:
-            raise SidecarError(
-                503, "pool_timeout", f"no free connection to {node.name}", retryable=True
-            ) from None
-        except Exception as exc:
-            raise from_exception(exc, writes=False) from exc
+        conn = await acquire(node, tx.db.settings.pool.acquire_timeout)
         conn.mark_dirty()  # whatever runs inside may leave session state
         try:
             pg_tx = conn.transaction()
@@ -97,7 +87,6 @@ class Transactions:
         except Exception as exc:
             await release(node, conn)
             raise from_exception(exc, writes=False) from exc
-        node.busy += 1
         tx.shard, tx.node, tx.conn, tx.tx = shard, node, conn, pg_tx
 
     def _get(self, tx_id: str) -> OpenTransaction:
@@ -201,7 +190,6 @@ class Transactions:
         tx.conn = tx.tx = None
         if conn is None or node is None or node.pool is None:
             return
-        node.busy -= 1
         if broken:
             conn.terminate()
         await release(node, conn)
