@@ -65,13 +65,14 @@ class Prober:
         await self.forget(list(self._tasks))
 
     async def _run(self, node: Node, first: asyncio.Future[None]) -> None:
-        cfg = self.settings
         kwargs = connect_kwargs(node.settings, node.database, f"databases.{node.db_label}")
         conn: asyncpg.Connection | None = None
         fails = oks = 0
         last_health = 0.0
         try:
             while True:
+                # Read every round: a configuration reload swaps the health settings.
+                cfg = self.settings
                 started = time.monotonic()
                 error: str | None = None
                 try:
