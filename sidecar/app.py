@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -102,7 +102,7 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(config.reload("signal")))
+    loop.add_signal_handler(signal.SIGHUP, config.reload_soon, "signal")
     state.on_quit = stop.set
     data, ops, where = _listeners(state)
     tasks: list[asyncio.Task[None]] = []
@@ -147,13 +147,3 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
         metrics.registry.unregister(collector)
     announce("dbsidecar stopped")
     return 0
-
-
-_background: set[asyncio.Task[object]] = set()
-
-
-def _spawn(coro: Coroutine[object, object, object]) -> None:
-    """Run a coroutine from a signal handler, keeping a reference until it ends."""
-    task = asyncio.ensure_future(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)

@@ -276,6 +276,13 @@ class ConfigManager:
                 self._file_signature = signature
                 await self.reload("file")
 
+    def reload_soon(self, source: str) -> None:
+        """Reload without waiting for it (from a signal handler)."""
+        self._background(self._reload_quietly(source))
+
+    async def _reload_quietly(self, source: str) -> None:
+        await self.reload(source)
+
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         # Kept until done (then dropped, so a hundred reloads leave nothing behind).
         task = asyncio.create_task(coro)

@@ -138,6 +138,12 @@ async def test_a_reload_that_changes_nothing_does_nothing(sidecar_pair_file) -> 
     before = await doc(proc)
     assert (await admin_reload(proc))["result"] == "unchanged"
     proc.proc.send_signal(signal.SIGHUP)
+
+    async def signal_handled() -> bool:
+        metrics = http_get(proc.ops + "/metrics")[1].decode()
+        return 'dbsidecar_config_reloads_total{result="unchanged",source="signal"} 1.0' in metrics
+
+    await eventually(signal_handled, 5, "SIGHUP to reload (and find nothing changed)")
     after = await doc(proc)
     assert after["config"]["last_applied"] == before["config"]["last_applied"]
 
