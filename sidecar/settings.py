@@ -148,14 +148,23 @@ class HealthSettings(_Section):
 
 class LimitsSettings(_Section):
     max_body_bytes: int = 8 * 1024 * 1024
+    # Request header bytes (all lines together) the data plane reads before answering 431.
+    max_header_bytes: int = 64 * 1024
     max_where_depth: int = 32
     max_batch_plans: int = 1000
+    # Values in one IN / NOT IN list (a larger set belongs in a table or a raw plan).
+    max_in_values: int = 10_000
+    # Bytes of SQL the compile cache may hold; least recently used shapes go first.
+    compile_cache_bytes: int = 16 * 1024 * 1024
 
 
 class TransactionSettings(_Section):
     # An open transaction idle this long is rolled back and its connection freed.
     idle_timeout: float = 60.0
     max_open: int = 1000
+    # Share of a database's primary pool that open interactive transactions may hold,
+    # so they never starve ordinary reads and writes (at least one connection stays free).
+    max_pool_share: float = 0.5
 
 
 class ShutdownSettings(_Section):
@@ -257,6 +266,13 @@ def _check(settings: Settings) -> None:
         raise ConfigError("auth_token: an empty token would let anyone in; leave it unset instead")
     if settings.listen.port is None and not settings.listen.uds:
         raise ConfigError("listen: give a port, a uds path or both")
+    if not 0 < settings.transactions.max_pool_share <= 1:
+        raise ConfigError("transactions.max_pool_share: a share of the pool, above 0 and at most 1")
+    limits = settings.limits
+    for key in ("max_body_bytes", "max_header_bytes", "max_where_depth", "max_batch_plans",
+                "max_in_values", "compile_cache_bytes"):  # fmt: skip
+        if getattr(limits, key) < 1:
+            raise ConfigError(f"limits.{key}: must be at least 1")
     seen_nodes: set[str] = set()
     for name, db in settings.databases.items():
         where = f"databases.{name}"
