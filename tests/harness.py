@@ -124,3 +124,24 @@ class SidecarProcess:
             code = self.proc.wait()
         self._log.close()
         return code
+
+
+def samples(ops: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """A sidecar's samples named ``name`` (``dbsidecar_queries_total``, ...) with their
+    labels, read from its ops port's /metrics."""
+    # Imported here: the parser is a sidecar dependency the other helpers do not need.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http_get(ops + "/metrics")
+    assert status == 200, status
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def counter(ops: str, name: str, **labels: str) -> float:
+    """The sum of the samples named ``name`` whose labels include ``labels``."""
+    return sum(v for have, v in samples(ops, name) if labels.items() <= have.items())
