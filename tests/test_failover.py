@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -24,7 +25,7 @@ from client.protocol import Insert, Raw, Route
 from client.transport import Transport
 from sidecar.localdb import LocalTopology, PgServer
 
-from .harness import SidecarProcess, eventually, free_port, http_get
+from .harness import SidecarProcess, eventually, free_port, http_get, samples
 
 pytestmark = pytest.mark.slow
 
@@ -106,24 +107,48 @@ def insert(v: str) -> Insert:
     return Insert(database="orders", table="t", rows=[{"v": v}], returning=["id"])
 
 
-async def test_replica_stopped_under_load_then_back(pair, started) -> None:
-    proc, db = started
+def _sidecar_counts(proc: SidecarProcess) -> tuple[Counter[str], Counter[tuple[str, str]]]:
+    """The sidecar's own counts: /v1/query answers by status code, and statements run
+    on the orders nodes by (role, outcome)."""
+    answers: Counter[str] = Counter()
+    for labels, value in samples(proc.ops, "dbsidecar_requests_total"):
+        if labels["endpoint"] == "/v1/query":
+            answers[labels["code"]] += int(value)
+    statements: Counter[tuple[str, str]] = Counter()
+    for labels, value in samples(proc.ops, "dbsidecar_queries_total"):
+        if labels["database"] == "orders":
+            statements[labels["role"], labels["outcome"]] += int(value)
+    return answers, statements
+
+
+@pytest.mark.parametrize("read_retries", [3, 0], ids=["client-retries", "no-client-retries"])
+async def test_replica_stopped_under_load_then_back(pair, started, read_retries) -> None:
+    proc, shared = started
+    # One request per plan (no client bundles), so the sidecar's request counts are the
+    # client's reads; with read_retries=0 every failure the sidecar answers reaches us.
+    db = Database("fault", transport=shared.transport, database="orders",
+                  consistency="eventual", read_retries=read_retries, batching=False)  # fmt: skip
+    await eventually(lambda: _served_by(db, "b"), 5, "reads on the replica")
     stop_at: list[float] = []
-    outcomes: list[tuple[float, str | None]] = []
+    outcomes: list[tuple[float, str | None, str | None]] = []  # (when, error, node)
     done = asyncio.Event()
 
     async def reader() -> None:
         while not done.is_set():
             try:
-                await db.run(read_replica())
-                outcomes.append((time.monotonic(), None))
+                result = await db.run(read_replica())
+                outcomes.append((time.monotonic(), None, result.served_by[0].node))
             except DbSidecarError as exc:
-                assert exc.retryable, exc  # within the window: only retryable errors
-                outcomes.append((time.monotonic(), exc.code))
+                outcomes.append((time.monotonic(), exc.code, None))
 
+    answers_before, statements_before = _sidecar_counts(proc)
     readers = [asyncio.create_task(reader()) for _ in range(32)]
     try:
-        await eventually(lambda: _served_by(db, "b"), 5, "reads on the replica")
+
+        async def loaded() -> bool:
+            return sum(node == "b" for _, _, node in outcomes) >= 100
+
+        await eventually(loaded, 5, "100 reads served by the replica")
         stop_at.append(time.monotonic())
         await asyncio.to_thread(pair.replica.stop, "immediate")
         window = 2 * 0.2 + 0.5  # failure_threshold x interval, plus one probe timeout
@@ -134,15 +159,31 @@ async def test_replica_stopped_under_load_then_back(pair, started) -> None:
         await eventually(down, 5, "the probe to mark the replica down")
 
         async def past_window() -> bool:
-            return sum(at > stop_at[0] + window for at, _ in outcomes) >= 200
+            return sum(at > stop_at[0] + window for at, _, _ in outcomes) >= 200
 
         await eventually(past_window, 10, "200 reads after the detection window")
     finally:
         done.set()
         await asyncio.gather(*readers)
-    after_window = [code for at, code in outcomes if at > stop_at[0] + window]
-    assert after_window and all(code is None for code in after_window)
+    answers_after, statements_after = _sidecar_counts(proc)
+    answers = answers_after - answers_before
+    statements = statements_after - statements_before
     assert len(outcomes) > 100
+    # Exact: no read failed, not even inside the detection window. The sidecar answered
+    # every request 200 (with client retries off, exactly the reads the client made).
+    assert [code for _, code, _ in outcomes if code is not None] == []
+    assert set(answers) == {"200"}, answers
+    if read_retries == 0:
+        assert answers["200"] == len(outcomes), (answers, len(outcomes))
+    # The stop was felt: statements failed on the replica as node_unavailable ...
+    lost = statements[("replica", "node_unavailable")]
+    assert lost >= 1, statements
+    assert set(statements) <= {("replica", "ok"), ("replica", "node_unavailable"),
+                               ("primary", "ok")}, statements  # fmt: skip
+    # ... and the sidecar ran each of them once more, on the primary: one statement per
+    # answered request, plus one per replica failure.
+    assert statements.total() == answers.total() + lost, (statements, answers)
+    assert any(node == "a" for at, _, node in outcomes if at > stop_at[0])
     await asyncio.to_thread(pair.replica.start)
     await eventually(lambda: _served_by(db, "b"), 10, "the restarted replica to serve reads")
 
