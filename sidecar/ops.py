@@ -2,6 +2,8 @@
 
 /livez never touches a database: a failover must not restart every pod.
 /readyz depends on the databases only when readiness.require_primary is set.
+The port listens on all interfaces by default (kubelet and Prometheus reach the pod IP)
+and has no authentication, so no body carries a secret: /healthz is masked like the logs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import metrics
+from . import logs, metrics
 from .state import SidecarState
 from .topology_view import topology_document
 
@@ -50,7 +52,9 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 async def healthz(request: Request) -> JSONResponse:
-    return JSONResponse(topology_document(_state(request)))
+    # Node errors come from asyncpg and configuration errors from parsers: mask any
+    # configured secret they might quote.
+    return JSONResponse(logs.redact_tree(topology_document(_state(request))))
 
 
 async def metrics_endpoint(request: Request) -> Response:

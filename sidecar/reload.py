@@ -24,7 +24,7 @@ from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import metrics
+from . import logs, metrics
 from .registry import ConsulRegistry
 from .settings import (
     ConfigError,
@@ -210,6 +210,8 @@ class ConfigManager:
                 self._failed(source, exc)
                 return "error"
             if settings == self.current and self.catalog == self._applied_catalog:
+                # The sources are good again (a fix restoring the running document).
+                self.last_error = None
                 metrics.config_reloads.labels(source, "unchanged").inc()
                 return "unchanged"
             try:
@@ -225,7 +227,9 @@ class ConfigManager:
             return "applied"
 
     def _failed(self, source: str, exc: BaseException) -> None:
-        message = str(exc)
+        # ConfigErrors never quote values; an apply error (asyncpg, OS) could, and this
+        # message reaches the unauthenticated ops port.
+        message = logs.redact(str(exc))
         self.last_error = {"source": source, "message": message, "at": time.time()}
         metrics.config_reloads.labels(source, "error").inc()
         log.error("configuration refused, the last good one stays", extra={

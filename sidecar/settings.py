@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -22,6 +23,8 @@ import yaml
 
 ENV_PREFIX = "DBSIDECAR_"
 T = TypeVar("T")
+# Keys whose values are secrets: an environment value for them is always plain text.
+_SECRET_KEY = re.compile(r"password|token|secret|dsn|auth")
 
 
 class ConfigError(Exception):
@@ -45,6 +48,22 @@ class NodeSettings(_Section):
     password_env: str | None = None
     dsn: str | None = None
     driver: Literal["postgresql", "postgres"] = "postgresql"
+
+    def __post_init__(self) -> None:
+        # A DSN urlsplit cannot read fails here, by key; its own error would quote the
+        # DSN's text (an unencoded '/' or '@' in the password lands in the port).
+        if self.dsn is None:
+            return
+        try:
+            parts = urlsplit(self.dsn)
+            parts.port  # noqa: B018 - reading it is the check
+        except ValueError:
+            raise ValueError(
+                "dsn: not a URL with a valid host and port (percent-encode any /, ?, # or @ "
+                "in the password)"
+            ) from None
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("dsn: must start with postgresql:// or postgres://")
 
     def label(self, default_database: str) -> str:
         """A name for logs, metrics and served-by metadata; never holds a password."""
@@ -348,12 +367,55 @@ def _check_sharding(where: str, sharding: ShardingSettings, names: list[str]) ->
         raise ConfigError(f"{where}.sharding: {fn} sharding takes no bounds or map")
 
 
+# Quoted text PyYAML's problems may hold that is its own syntax, not the document's.
+_YAML_SYNTAX = re.compile(r"'(<[a-z ]+>|[ !,\[\]{}>.:\-?]|\\t)'")
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+
+
+def _without_values(problem: str) -> str:
+    """A parser's message with every quoted piece of the document dropped: a tag, an
+    alias or an escape it quotes may be part of a password."""
+
+    def keep(match: re.Match[str]) -> str:
+        return match.group() if _YAML_SYNTAX.fullmatch(match.group()) else ""
+
+    return " ".join(_QUOTED.sub(keep, problem).split())
+
+
+def _at(mark: yaml.Mark | None, what: str) -> str:
+    return what if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+
+
+def _yaml_problem(exc: Exception, text: str) -> str:
+    """Where and what from the parser's position, never its snippet of the text."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        message = _at(exc.problem_mark, _without_values(exc.problem or "not parsable"))
+        if exc.context:
+            # "while scanning a quoted scalar" points at where an unclosed quote opened.
+            message += f" ({_at(exc.context_mark, _without_values(exc.context))})"
+        return message
+    if isinstance(exc, yaml.reader.ReaderError):
+        line_start = text.rfind("\n", 0, exc.position) + 1
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - line_start + 1
+        return f"line {line}, column {column}: a control character YAML does not allow"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    # A ValueError from a constructor, such as an impossible date (2024-02-30).
+    return "a value that cannot be read (an impossible date?)"
+
+
+def _load_yaml(text: str, what: str) -> Any:
+    """YAML text to a value, or a ConfigError "<what>: <position>: <problem>"."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{what}: {_yaml_problem(exc, text)}") from None
+
+
 def parse_document(text: str, source: str) -> dict[str, Any]:
     """YAML (a superset of JSON) text to a mapping; empty or non-mapping is an error."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML or JSON: {exc}") from None
+    doc = _load_yaml(text, f"{source}: not valid YAML or JSON")
     if doc is None:
         raise ConfigError(f"{source}: the configuration document is empty")
     if not isinstance(doc, dict):
@@ -372,11 +434,9 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if path[0] not in top:
             continue
         value: Any = raw
-        if raw.lstrip().startswith(("[", "{")):
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{key}: not valid YAML: {exc}") from None
+        # A secret is text whatever it starts with ('{' or '[' too).
+        if raw.lstrip().startswith(("[", "{")) and not _SECRET_KEY.search(path[-1]):
+            value = _load_yaml(raw, f"{key}: not valid YAML")
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -404,8 +464,9 @@ def _convert(value: Any, typ: type[T], where: str) -> T:
         # strict=False: environment values are text; '8000' fills an int, 'true' a bool.
         return msgspec.convert(value, typ, strict=False)
     except msgspec.ValidationError as exc:
-        # msgspec says "... - at `$.pool.max_sise`"; name the key from the top.
-        message = str(exc)
+        # msgspec says "... - at `$.pool.max_sise`"; name the key from the top. Values it
+        # quotes ("Invalid enum value 'x'") are dropped: the key may hold a secret.
+        message = _without_values(str(exc))
         if " - at `" not in message:
             message += " - at `$`"
         prefix = where + "." if where else ""
