@@ -520,3 +520,83 @@ def test_env_tokens_stay_text_and_never_switch_auth_off(tmp_path: Path, token: s
 def test_empty_auth_token_is_refused(tmp_path: Path) -> None:
     doc = {"databases": {"orders": {"primary": PRIMARY}}}
     assert "auth_token" in config_error(tmp_path, doc, DBSIDECAR_AUTH_TOKEN="")
+
+
+# Secrets in configuration errors (issue 10): a message names the line or the key and
+# never quotes the document, whose broken line may be the password's.
+SECRET = "Pa55Zq9x"
+NODE_LINES = "databases:\n  orders:\n    primary:\n      host: db\n"
+
+
+def assert_no_secret(message: str) -> None:
+    for fragment in (SECRET, SECRET[:4], SECRET[4:]):
+        assert fragment not in message, message
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        pytest.param(NODE_LINES + f'      password: "{SECRET}\n', 5, id="unclosed-quote"),
+        pytest.param(f"auth_token: '{SECRET}\nlisten: {{port: 1}}\n", 1, id="unclosed-single"),
+        pytest.param(NODE_LINES + f"\tpassword: {SECRET}\n", 5, id="tab"),
+        pytest.param(NODE_LINES + f"      password: {SECRET}: x\n", 5, id="bad-mapping"),
+        pytest.param(f"auth_token: *{SECRET}\n", 1, id="alias"),
+        pytest.param(NODE_LINES + f"      password: !{SECRET}\n", 5, id="tag"),
+        pytest.param(f'auth_token: "{SECRET[:4]}\\q{SECRET[4:]}"\n', 1, id="unknown-escape"),
+        pytest.param(f"listen: {{}}\nauth_token: {SECRET}\x07\n", 2, id="control-character"),
+        pytest.param(
+            f'{{"auth_token": "{SECRET}"\n "listen": {{"port": 1}}}}\n', 2, id="json-missing-comma"
+        ),
+    ],
+)
+def test_syntax_errors_name_the_line_never_the_text(tmp_path: Path, text: str, line: int) -> None:
+    message = config_error(tmp_path, text)
+    assert "not valid YAML or JSON" in message
+    assert f"line {line}," in message
+    assert_no_secret(message)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        pytest.param("auth_token: 2024-02-30\n", "cannot be read", id="impossible-date"),
+        pytest.param("auth_token: " + "[" * 5000 + "]" * 5000 + "\n", "deep", id="deep-nesting"),
+    ],
+)
+def test_unbuildable_values_are_config_errors(tmp_path: Path, text: str, fragment: str) -> None:
+    assert fragment in config_error(tmp_path, text)
+
+
+def test_validation_errors_never_quote_the_value(tmp_path: Path) -> None:
+    message = config_error(tmp_path, orders(primary={**PRIMARY, "driver": SECRET}))
+    assert "databases.orders.primary.driver" in message
+    assert_no_secret(message)
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        f"postgresql://app:{SECRET[:4]}/{SECRET[4:]}@db/orders",  # '/' ends the host part
+        f"postgresql://app:{SECRET}@db:{SECRET}/orders",
+        f"mysql://app:{SECRET}@db/orders",
+    ],
+)
+def test_unreadable_dsns_name_the_node_never_the_dsn(tmp_path: Path, dsn: str) -> None:
+    message = config_error(tmp_path, orders(primary={"dsn": dsn}))
+    assert "databases.orders.primary" in message and "dsn" in message
+    assert_no_secret(message)
+
+
+def test_env_secrets_stay_text_whatever_they_start_with(tmp_path: Path) -> None:
+    doc = {"databases": {"orders": {"primary": PRIMARY}}}
+    settings = load(tmp_path, doc, {"DBSIDECAR_AUTH_TOKEN": "{" + SECRET})
+    assert settings.auth_token == "{" + SECRET
+
+
+def test_env_document_errors_name_the_variable_and_position_never_the_text() -> None:
+    raw = f'{{"orders": {{"primary": {{"password": "{SECRET}" "host": "db"}}}}}}'
+    with pytest.raises(ConfigError) as raised:
+        env_overrides({"DBSIDECAR_DATABASES": raw})
+    message = str(raised.value)
+    assert message.startswith("DBSIDECAR_DATABASES: not valid YAML: line 1, column")
+    assert_no_secret(message)
