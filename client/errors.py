@@ -70,6 +70,11 @@ class DatabaseError(DbSidecarError):
     """Any other error PostgreSQL raised (see ``sqlstate``)."""
 
 
+class TransactionAborted(DbSidecarError):
+    """A plan of the transaction failed, so PostgreSQL aborted it: nothing of it commits
+    and only a rollback is possible (commit answers this error too)."""
+
+
 class Unavailable(DbSidecarError):
     """No node could serve the plan right now (503); ``retryable`` says if trying again helps."""
 
@@ -95,6 +100,7 @@ _BY_CODE: dict[str, type[DbSidecarError]] = {
     "foreign_key_violation": ForeignKeyViolation,
     "shard_key_required": ShardKeyRequired,
     "write_outcome_unknown": WriteOutcomeUnknown,
+    "transaction_aborted": TransactionAborted,
     "split_brain": SplitBrain,
     "unauthorized": Unauthorized,
     "unknown_database": UnknownDatabase,

@@ -69,8 +69,9 @@ class Transaction:
         return BatchResult(results=[await self.run(p) for p in plans])
 
     async def commit(self) -> None:
-        done = await self.base.transport.request("POST", self._path("/commit"), b"", _done)
-        self.id = None
+        path = self._path("/commit")
+        self.id = None  # committed or not, the transaction is over on the sidecar
+        done = await self.base.transport.request("POST", path, b"", _done)
         self.base.observe(done.lsn)
 
     async def rollback(self) -> None:

@@ -187,7 +187,7 @@ class Dispatcher:
             writes=writes,
             transaction=False,
             readonly=isinstance(plan, Raw) and not writes,
-            acquire_timeout=db.settings.pool.acquire_timeout,
+            pool=db.settings.pool,
         )
         return self.observed(db, shard, node, role, plan, statement)
 
@@ -352,7 +352,7 @@ class Dispatcher:
                 compiled,
                 writes=True,
                 transaction=True,
-                acquire_timeout=db.settings.pool.acquire_timeout,
+                pool=db.settings.pool,
             ),
         )
         token = _token(db, outcomes[-1:])

@@ -6,8 +6,6 @@ matching exception; anything unexpected becomes a 500 that names no secret.
 
 from __future__ import annotations
 
-import asyncio
-
 import asyncpg
 
 from client.protocol import ErrorBody
@@ -46,49 +44,97 @@ def bad_plan(message: str, code: str = "bad_plan") -> SidecarError:
     return SidecarError(400, code, message)
 
 
-# SQLSTATE -> (status, code, retryable); classes ("23") after exact states.
+# SQLSTATE -> (status, code, retryable); classes ("23") after exact states. Every class
+# PostgreSQL defines is here: a caller's mistake is a 4xx, and only a failing server
+# (classes 58 and XX) is a 5xx.
 _BY_STATE: dict[str, tuple[int, str, bool]] = {
     "23505": (409, "unique_violation", False),
     "23503": (409, "foreign_key_violation", False),
     "23502": (422, "not_null_violation", False),
     "23514": (422, "check_violation", False),
+    "25006": (409, "read_only_transaction", False),
+    "25P02": (409, "transaction_aborted", False),
     "40001": (409, "serialization_failure", True),
     "40P01": (409, "deadlock_detected", True),
-    "57014": (504, "statement_timeout", True),
-    "25006": (409, "read_only_transaction", False),
     "42P01": (404, "undefined_table", False),
     "42703": (400, "undefined_column", False),
     "42883": (400, "undefined_function", False),
     "42601": (400, "syntax_error", False),
     "42501": (403, "insufficient_privilege", False),
+    "55P03": (409, "lock_not_available", True),
     "57P01": (503, "admin_shutdown", True),
+    "57P02": (503, "crash_shutdown", True),
     "57P03": (503, "cannot_connect_now", True),
+    "57P04": (503, "database_dropped", False),
 }
 _BY_CLASS: dict[str, tuple[int, str, bool]] = {
+    "03": (400, "sql_statement_not_yet_complete", False),
+    "09": (422, "triggered_action_exception", False),
+    "0A": (400, "feature_not_supported", False),
+    "0B": (409, "invalid_transaction_initiation", False),
+    "0F": (400, "locator_exception", False),
+    "0L": (400, "invalid_grantor", False),
+    "0P": (400, "invalid_role_specification", False),
+    "0Z": (400, "diagnostics_exception", False),
+    "20": (422, "case_not_found", False),
+    "21": (422, "cardinality_violation", False),
     "22": (422, "data_exception", False),
     "23": (409, "integrity_violation", False),
+    "24": (409, "invalid_cursor_state", False),
+    "25": (409, "invalid_transaction_state", False),
+    "26": (400, "invalid_sql_statement_name", False),
+    "27": (409, "triggered_data_change_violation", False),
+    "28": (403, "invalid_authorization", False),
+    "2B": (409, "dependent_privilege_descriptors_exist", False),
+    "2D": (409, "invalid_transaction_termination", False),
+    "2F": (400, "sql_routine_exception", False),
+    "34": (400, "invalid_cursor_name", False),
+    "38": (400, "external_routine_exception", False),
+    "39": (400, "external_routine_invocation_exception", False),
+    "3B": (409, "savepoint_exception", False),
+    "3D": (404, "invalid_catalog_name", False),
+    "3F": (400, "invalid_schema_name", False),
     "40": (409, "transaction_rollback", True),
     "42": (400, "invalid_statement", False),
+    "44": (422, "with_check_option_violation", False),
     "53": (503, "insufficient_resources", True),
+    "54": (400, "program_limit_exceeded", False),
+    "55": (409, "object_not_in_prerequisite_state", False),
+    "57": (503, "operator_intervention", True),
+    "58": (502, "system_error", True),
+    "72": (409, "snapshot_too_old", True),
+    "F0": (400, "config_file_error", False),
+    "HV": (400, "fdw_error", False),
+    "P0": (422, "raised_exception", False),
+    "XX": (502, "internal_database_error", False),
     "08": (503, "connection_failure", True),
 }
 
 
 def from_postgres(exc: asyncpg.PostgresError) -> SidecarError:
     state = getattr(exc, "sqlstate", None) or ""
-    status, code, retryable = _BY_STATE.get(state) or _BY_CLASS.get(
-        state[:2], (500, "database_error", False)
-    )
     message = exc.args[0] if exc.args else type(exc).__name__
+    if state == "57014":
+        # One SQLSTATE for both: PostgreSQL's statement_timeout, or someone's
+        # pg_cancel_backend(). Only the first is a timeout.
+        if "statement timeout" in message:
+            status, code, retryable = 504, "statement_timeout", True
+        else:
+            status, code, retryable = 409, "query_canceled", True
+    else:
+        status, code, retryable = _BY_STATE.get(state) or _BY_CLASS.get(
+            state[:2], (502, "database_error", False)
+        )
     detail = getattr(exc, "detail", None)
     if detail:
         message = f"{message} ({detail})"
     return SidecarError(status, code, message, retryable=retryable, sqlstate=state or None)
 
 
+# Errors that say the connection (or the server behind it) is gone. asyncpg's other
+# InterfaceErrors (a wrong number of bind parameters, ...) are the caller's mistakes.
 CONNECTION_ERRORS = (
     OSError,
-    asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.ConnectionDoesNotExistError,
@@ -102,15 +148,39 @@ def is_connection_error(exc: BaseException) -> bool:
     )
 
 
-def from_exception(exc: BaseException, *, writes: bool) -> SidecarError:
-    """Any failure while running a plan, as the error the caller should see."""
+def connection_lost(exc: BaseException, conn: asyncpg.Connection | None = None) -> bool:
+    """Whether a failure means the connection (or its server) is gone.
+
+    asyncpg can hide the cause: leaving ``conn.transaction()`` after the connection broke
+    raises a plain InterfaceError whose context is the real one, and work on a connection
+    that closed while idle in the pool fails with a plain InterfaceError too.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if is_connection_error(seen):
+            return True
+        seen = seen.__context__
+    return conn is not None and is_closed(conn)
+
+
+def is_closed(conn: asyncpg.Connection) -> bool:
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True  # the pool took the proxy back: its connection closed
+
+
+def from_exception(
+    exc: BaseException, *, writes: bool, conn: asyncpg.Connection | None = None
+) -> SidecarError:
+    """Any failure while running a plan (on ``conn``), as the error the caller should see."""
     if isinstance(exc, SidecarError):
         return exc
     # asyncpg's client-side DataError is an InterfaceError and a ValueError: a bad
     # value, not a broken connection.
     if isinstance(exc, ValueError | TypeError | OverflowError):
         return SidecarError(422, "bad_value", f"a value does not fit its column: {exc}")
-    if is_connection_error(exc):
+    if connection_lost(exc, conn):
         if writes:
             return SidecarError(
                 503,
@@ -123,6 +193,7 @@ def from_exception(exc: BaseException, *, writes: bool) -> SidecarError:
         )
     if isinstance(exc, asyncpg.PostgresError):
         return from_postgres(exc)
-    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return SidecarError(504, "timeout", "the database did not answer in time", retryable=True)
+    if isinstance(exc, asyncpg.InterfaceError):
+        # Refused by asyncpg before the server saw it: a wrong number of parameters, ...
+        return SidecarError(400, "bad_statement", str(exc))
     return SidecarError(500, "internal", f"{type(exc).__name__}: {exc}")

@@ -18,7 +18,14 @@ from client.protocol import Result, ServedBy
 
 from . import metrics
 from .compiler import Compiled, Statement
-from .errors import SidecarError, from_exception, is_connection_error
+from .errors import (
+    SidecarError,
+    connection_lost,
+    from_exception,
+    is_closed,
+    is_connection_error,
+)
+from .settings import PoolSettings
 from .topology import Node
 
 log = logging.getLogger("dbsidecar.executor")
@@ -27,8 +34,14 @@ log = logging.getLogger("dbsidecar.executor")
 # commit record may still sit in WAL buffers, past pg_current_wal_lsn().
 LSN_SQL = "SELECT pg_current_wal_insert_lsn()::text"
 
+# Seconds past statement_timeout before the sidecar gives up on a server itself.
+DEADLINE_GRACE = 1.0
+
 # PostgreSQL type name -> wire kind (see client.values.KIND_TYPES).
 _KINDS: dict[str, str] = {
+    # A float column has a kind because NaN and ±Infinity do not travel as JSON numbers.
+    "float8": "float",
+    "float4": "float",
     "timestamptz": "datetime",
     "timestamp": "datetime",
     "date": "date",
@@ -112,34 +125,51 @@ async def acquire(node: Node, acquire_timeout: float) -> asyncpg.Connection:
     return conn
 
 
-async def release(node: Node, conn: asyncpg.Connection) -> None:
-    """Hand a connection back; one that broke is closed by asyncpg, never an error here."""
+async def release(node: Node, conn: asyncpg.Connection, budget: float) -> None:
+    """Hand a connection back; one that broke is closed by asyncpg, never an error here.
+    A reset that takes longer than ``budget`` seconds (a frozen server) closes the connection."""
     assert node.pool is not None
     node.busy -= 1
     try:
-        await node.pool.release(conn)
+        await node.pool.release(conn, timeout=budget)
     except Exception as exc:
         if not is_connection_error(exc):
             log.warning("releasing a connection to %s failed: %s", node.name, exc)
 
 
-async def run_statement(conn: asyncpg.Connection, compiled: Compiled) -> tuple[
-    list[str], list[str | None], list[tuple[Any, ...]], int
-]:  # fmt: skip
+def deadline(pool: PoolSettings) -> float | None:
+    """The client-side deadline of one statement: PostgreSQL's statement_timeout answers
+    first on a healthy server; this one fires only when the server cannot (frozen)."""
+    return pool.statement_timeout + DEADLINE_GRACE if pool.statement_timeout else None
+
+
+async def run_statement(
+    conn: asyncpg.Connection, compiled: Compiled, limit: float | None
+) -> tuple[list[str], list[str | None], list[tuple[Any, ...]], int]:
+    """One statement; ``limit`` is its client-side deadline in seconds (see deadline())."""
     stmt: Statement = compiled.statement
     if not stmt.returns_rows:
-        status = await conn.execute(stmt.sql, *compiled.params)
+        status = await conn.execute(stmt.sql, *compiled.params, timeout=limit)
         return [], [], [], _rowcount(status)
     if stmt.kinds is None or stmt.columns is None:
         # First run of this shape (or any raw plan): learn column names and kinds.
-        ps = await conn.prepare(stmt.sql)
+        ps = await conn.prepare(stmt.sql, timeout=limit)
         stmt.columns, stmt.kinds = describe(ps)
-        records = await ps.fetch(*compiled.params)
+        records = await ps.fetch(*compiled.params, timeout=limit)
         rows = [tuple(r) for r in records]
         count = _rowcount(ps.get_statusmsg()) or len(rows)
         return stmt.columns, stmt.kinds, rows, count
-    records = await conn.fetch(stmt.sql, *compiled.params)
+    records = await conn.fetch(stmt.sql, *compiled.params, timeout=limit)
     return stmt.columns, stmt.kinds, [tuple(r) for r in records], len(records)
+
+
+def failed(node: Node, conn: asyncpg.Connection, exc: BaseException) -> None:
+    """After a statement failed: a broken connection (or a server past its deadline) is
+    closed at once and its node marked failing; anything else leaves both alone."""
+    if connection_lost(exc, conn):
+        if not is_closed(conn):
+            conn.terminate()
+        node.mark(False, str(exc))
 
 
 async def execute(
@@ -151,10 +181,11 @@ async def execute(
     writes: bool,
     transaction: bool,
     readonly: bool = False,
-    acquire_timeout: float,
+    pool: PoolSettings,
 ) -> list[Outcome]:
     """Run statements on one node, in one transaction when asked (or when several)."""
-    conn = await acquire(node, acquire_timeout)
+    conn = await acquire(node, pool.acquire_timeout)
+    timeout = deadline(pool)
     try:
         if not all(c.statement.session_safe for c in statements):
             conn.mark_dirty()
@@ -163,27 +194,25 @@ async def execute(
             if transaction or len(statements) > 1 or readonly:
                 async with conn.transaction(readonly=readonly):
                     for compiled in statements:
-                        parts = await run_statement(conn, compiled)
+                        parts = await run_statement(conn, compiled, timeout)
                         outcomes.append(make_outcome(parts, node, role, shard))
             else:
-                outcomes.append(
-                    make_outcome(await run_statement(conn, statements[0]), node, role, shard)
-                )
+                parts = await run_statement(conn, statements[0], timeout)
+                outcomes.append(make_outcome(parts, node, role, shard))
             if writes:
-                lsn = await conn.fetchval(LSN_SQL)
+                lsn = await conn.fetchval(LSN_SQL, timeout=timeout)
                 for o in outcomes:
                     o.lsn = lsn
         except Exception as exc:
-            if is_connection_error(exc):
-                node.mark(False, str(exc))
-            error = from_exception(exc, writes=writes)
+            failed(node, conn, exc)
+            error = from_exception(exc, writes=writes, conn=conn)
             if len(statements) > 1 and len(outcomes) < len(statements):
                 # In a batch, name the plan that failed.
                 error.index = len(outcomes)
             raise error from exc
         return outcomes
     finally:
-        await release(node, conn)
+        await release(node, conn, pool.acquire_timeout)
 
 
 def make_outcome(

@@ -26,13 +26,22 @@ class SidecarConnection(asyncpg.Connection):
     def mark_dirty(self) -> None:
         self._dirty = True
 
+    async def discard_session(self) -> None:
+        """Back to a new session's state: DISCARD ALL (settings, temporary tables, prepared
+        statements, cursors, listens, advisory locks)."""
+        # The pool has rolled back an open transaction before calling this.
+        self._dirty = False
+        await self.execute("DISCARD ALL")
+        # DISCARD ALL deallocated asyncpg's prepared statements on the server too: forget
+        # them here, or the next plan on this connection names a statement that is gone.
+        self._drop_local_statement_cache()
 
-async def _reset(conn: asyncpg.Connection) -> None:
+
+async def _reset(conn: SidecarConnection) -> None:
     # Compiled plans leave no session state, so releasing after one costs no round
-    # trip; a connection that ran raw SQL or a transaction gets asyncpg's full reset.
+    # trip; a connection that ran raw SQL or a transaction starts a clean session.
     if getattr(conn, "_dirty", False):
-        conn._dirty = False
-        await conn.reset()
+        await conn.discard_session()
 
 
 async def _setup_connection(conn: asyncpg.Connection) -> None:

@@ -5,32 +5,79 @@ inside it, one at a time, on the primary; ``commit``/``rollback`` end it. On a
 sharded database the transaction binds to one shard: the one named when it was
 opened, or else the one its first plan pins. A transaction left idle longer than
 ``transactions.idle_timeout`` is rolled back so it cannot hold a connection forever.
+
+Each transaction is a state machine (asyncpg's ``TransactionState`` is the model)
+behind one lock, so its plans, its commit and its rollback never overlap::
+
+    NEW --first plan / pinned begin--> STARTED --commit--> COMMITTED
+     |                                  |   \\--a statement fails--> FAILED
+     |                                  |                             |
+     +----------rollback / idle---------+------rollback / commit------+--> ROLLED_BACK
+
+A plan after a failure is refused (``transaction_aborted``) and so is the commit of a
+failed transaction: PostgreSQL answers COMMIT of an aborted transaction with a
+rollback, and that must never reach the caller as success. Open transactions hold at
+most ``transactions.max_pool_share`` of a primary's pool, so they cannot starve
+ordinary reads and writes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import asyncpg
-from asyncpg.transaction import Transaction as PgTransaction
 
 from client.protocol import Plan, Result
 
 from . import sharding
 from .compiler import Compiled
 from .dispatch import Dispatcher
-from .errors import SidecarError, bad_plan, from_exception
-from .executor import LSN_SQL, acquire, make_outcome, release, run_statement, to_result
-from .settings import TransactionSettings
+from .errors import SidecarError, bad_plan, connection_lost, from_exception, is_closed
+from .executor import (
+    LSN_SQL,
+    Outcome,
+    acquire,
+    deadline,
+    make_outcome,
+    release,
+    run_statement,
+    to_result,
+)
+from .settings import PoolSettings, TransactionSettings
 from .topology import Database, Node, Shard
 
 log = logging.getLogger("dbsidecar.transactions")
+
+
+class TxState(enum.Enum):
+    NEW = "new"
+    STARTED = "started"
+    FAILED = "failed"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+
+
+_MOVES: dict[TxState, frozenset[TxState]] = {
+    TxState.NEW: frozenset({TxState.STARTED, TxState.COMMITTED, TxState.ROLLED_BACK}),
+    TxState.STARTED: frozenset({TxState.FAILED, TxState.COMMITTED, TxState.ROLLED_BACK}),
+    TxState.FAILED: frozenset({TxState.ROLLED_BACK}),
+    TxState.COMMITTED: frozenset(),
+    TxState.ROLLED_BACK: frozenset(),
+}
+_FINISHED = (TxState.COMMITTED, TxState.ROLLED_BACK)
+
+
+def _unknown() -> SidecarError:
+    return SidecarError(
+        404, "unknown_transaction", "no such transaction (finished, or idle too long)"
+    )
 
 
 @dataclass(eq=False)
@@ -38,11 +85,25 @@ class OpenTransaction:
     id: str
     db: Database
     shard: Shard | None
+    state: TxState = TxState.NEW
     node: Node | None = None
     conn: asyncpg.Connection | None = None
-    tx: PgTransaction | None = None
+    # Why a FAILED transaction failed, for the errors that refuse what comes after.
+    failure: str | None = None
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def move(self, to: TxState) -> None:
+        if to not in _MOVES[self.state]:
+            raise AssertionError(f"transaction {self.id[:8]}: {self.state.value} -> {to.value}")
+        self.state = to
+
+
+def pool_share(pool: PoolSettings, share: float) -> int:
+    """Connections of one pool that open transactions may hold: the configured share,
+    at least one, and never the last connection of a pool that has more than one."""
+    held = max(1, math.floor(pool.max_size * share))
+    return min(held, pool.max_size - 1) if pool.max_size > 1 else 1
 
 
 class Transactions:
@@ -51,6 +112,8 @@ class Transactions:
         self.settings = settings
         self.open: dict[str, OpenTransaction] = {}
         self.accepting = True
+        # Connections held by open transactions, per node.
+        self._held: dict[int, int] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -78,63 +141,98 @@ class Transactions:
 
     async def _connect(self, tx: OpenTransaction, shard: Shard) -> None:
         node = self.dispatcher.router.writer(tx.db, shard)
+        pool = tx.db.settings.pool
+        limit = pool_share(pool, self.settings.max_pool_share)
+        if self._held.get(id(node), 0) >= limit:
+            raise SidecarError(
+                503,
+                "too_many_transactions",
+                f"{limit} interactive transactions already hold connections to {node.name} "
+                "(transactions.max_pool_share); commit or roll back one, or retry",
+                retryable=True,
+            )
         self.dispatcher.router.count(tx.db, "primary")
-        conn = await acquire(node, tx.db.settings.pool.acquire_timeout)
+        conn = await acquire(node, pool.acquire_timeout)
+        self._held[id(node)] = self._held.get(id(node), 0) + 1
         conn.mark_dirty()  # whatever runs inside may leave session state
+        tx.shard, tx.node, tx.conn = shard, node, conn
         try:
-            pg_tx = conn.transaction()
-            await pg_tx.start()
+            await conn.execute("BEGIN", timeout=deadline(pool))
         except Exception as exc:
-            await release(node, conn)
-            raise from_exception(exc, writes=False) from exc
-        tx.shard, tx.node, tx.conn, tx.tx = shard, node, conn, pg_tx
+            self._finish(tx, TxState.ROLLED_BACK)
+            await self._release(tx, broken=connection_lost(exc, conn))
+            raise from_exception(exc, writes=False, conn=conn) from exc
+        tx.move(TxState.STARTED)
 
     def _get(self, tx_id: str) -> OpenTransaction:
         tx = self.open.get(tx_id)
         if tx is None:
-            raise SidecarError(
-                404, "unknown_transaction", "no such transaction (finished, or idle too long)"
-            )
+            raise _unknown()
         return tx
+
+    @staticmethod
+    def _usable(tx: OpenTransaction) -> None:
+        """Refuse work on a transaction that failed or finished while the caller waited."""
+        if tx.state is TxState.FAILED:
+            raise SidecarError(
+                409,
+                "transaction_aborted",
+                f"the transaction failed earlier ({tx.failure}); only rollback is possible",
+            )
+        if tx.state in _FINISHED:
+            raise _unknown()
 
     async def run(self, tx_id: str, plan: Plan) -> Result:
         tx = self._get(tx_id)
         async with tx.lock:
+            self._usable(tx)
             tx.last_used = time.monotonic()
             db, pinned = self.dispatcher.database(plan.database)
             if db is not tx.db:
                 raise bad_plan("a transaction stays on the database it was opened on")
             shard = self._shard_of(tx, plan, pinned)
-            if tx.conn is None:
-                await self._connect(tx, shard)
-            elif shard is not tx.shard:
+            if tx.state is TxState.STARTED and shard is not tx.shard:
                 raise bad_plan(
                     f"this transaction is bound to shard {tx.shard.name if tx.shard else None!r}",
                     "cross_shard_transaction",
                 )
             compiled = self.dispatcher.compiler.compile(plan)
-            assert tx.conn is not None and tx.node is not None
-            try:
-                parts = await self.dispatcher.observed(
-                    db, shard, tx.node, "primary", plan, self._statement(tx, compiled)
-                )
-            except SidecarError as exc:
-                if exc.code in ("write_outcome_unknown", "node_unavailable"):
-                    await self._discard(tx)
-                raise
+            if tx.state is TxState.NEW:
+                await self._connect(tx, shard)
+            assert tx.node is not None
+            outcome = await self.dispatcher.observed(
+                db, shard, tx.node, "primary", plan, self._statement(tx, compiled)
+            )
             tx.last_used = time.monotonic()
-            shard_name = tx.shard.name if tx.shard else None
-            return to_result(make_outcome(parts, tx.node, "primary", shard_name))
+            return to_result(outcome)
 
-    @staticmethod
-    async def _statement(
-        tx: OpenTransaction, compiled: Compiled
-    ) -> tuple[list[str], list[str | None], list[tuple[Any, ...]], int]:
-        assert tx.conn is not None
+    async def _statement(self, tx: OpenTransaction, compiled: Compiled) -> Outcome:
+        conn, node = tx.conn, tx.node
+        assert conn is not None and node is not None
         try:
-            return await run_statement(tx.conn, compiled)
+            parts = await run_statement(conn, compiled, deadline(tx.db.settings.pool))
         except Exception as exc:
-            raise from_exception(exc, writes=True) from exc
+            if connection_lost(exc, conn):
+                # The server rolls back a transaction whose connection is gone: nothing of
+                # it committed, so the outcome is known.
+                node.mark(False, str(exc))
+                self._finish(tx, TxState.ROLLED_BACK)
+                await self._release(tx, broken=True)
+                raise SidecarError(
+                    503,
+                    "transaction_lost",
+                    f"the connection to {node.name} failed; the transaction was rolled back "
+                    "and nothing of it committed",
+                    retryable=True,
+                ) from exc
+            error = from_exception(exc, writes=True)
+            if isinstance(exc, asyncpg.PostgresError):
+                # PostgreSQL aborted the transaction: it can only roll back now.
+                tx.failure = f"{error.code}: {error.message}"
+                tx.move(TxState.FAILED)
+            raise error from exc
+        shard_name = tx.shard.name if tx.shard else None
+        return make_outcome(parts, node, "primary", shard_name)
 
     def _shard_of(self, tx: OpenTransaction, plan: Plan, pinned: int | None) -> Shard:
         db = tx.db
@@ -158,57 +256,115 @@ class Transactions:
     async def commit(self, tx_id: str) -> str | None:
         tx = self._get(tx_id)
         async with tx.lock:
-            self.open.pop(tx_id, None)
-            if tx.conn is None or tx.tx is None:
+            if tx.state in _FINISHED:
+                raise _unknown()
+            if tx.state is TxState.NEW:
+                self._finish(tx, TxState.COMMITTED)  # nothing ran, nothing to commit
                 return None
-            try:
-                await tx.tx.commit()
-                lsn = await tx.conn.fetchval(LSN_SQL)
-            except Exception as exc:
-                await self._release(tx, broken=True)
-                raise from_exception(exc, writes=True) from exc
+            if tx.state is TxState.FAILED:
+                failure = tx.failure
+                await self._rollback(tx)
+                raise SidecarError(
+                    409,
+                    "transaction_aborted",
+                    f"the transaction failed earlier ({failure}) and was rolled back; "
+                    "nothing of it committed",
+                )
+            return await self._commit(tx)
+
+    async def _commit(self, tx: OpenTransaction) -> str | None:
+        conn = tx.conn
+        assert conn is not None and tx.shard is not None
+        limit = deadline(tx.db.settings.pool)
+        try:
+            status = await conn.execute("COMMIT", timeout=limit)
+        except Exception as exc:
+            # Broken during COMMIT: it may or may not have committed. A PostgreSQL error
+            # (a deferred constraint, a serialization failure) means it rolled back.
+            self._finish(tx, TxState.ROLLED_BACK)
+            await self._release(tx, broken=connection_lost(exc, conn))
+            raise from_exception(exc, writes=True, conn=conn) from exc
+        if status != "COMMIT":
+            self._finish(tx, TxState.ROLLED_BACK)
             await self._release(tx)
-            if lsn is None or tx.db.sharded is False:
-                return lsn
-            return f"{tx.shard.name}@{lsn}" if tx.shard and tx.shard.name else lsn
+            raise SidecarError(
+                409,
+                "transaction_aborted",
+                f"PostgreSQL answered the commit with {status!r}: nothing of it committed",
+            )
+        self._finish(tx, TxState.COMMITTED)
+        lsn: str | None = None
+        try:
+            lsn = await conn.fetchval(LSN_SQL, timeout=limit)
+        except Exception as exc:
+            # Committed all the same; only the read-your-writes token is missing.
+            log.warning("committed, but reading the WAL position failed: %s", exc)
+        await self._release(tx, broken=lsn is None)
+        if lsn is None or not tx.db.sharded:
+            return lsn
+        return f"{tx.shard.name}@{lsn}" if tx.shard.name else lsn
 
     async def rollback(self, tx_id: str) -> None:
         tx = self._get(tx_id)
         async with tx.lock:
-            self.open.pop(tx_id, None)
-            await self._discard(tx)
+            if tx.state in _FINISHED:
+                raise _unknown()
+            await self._rollback(tx)
 
-    async def _discard(self, tx: OpenTransaction) -> None:
+    async def _rollback(self, tx: OpenTransaction) -> None:
+        """Roll back under the transaction's lock; a connection that cannot is closed."""
+        self._finish(tx, TxState.ROLLED_BACK)
+        conn = tx.conn
+        broken = False
+        if conn is not None:
+            try:
+                await conn.execute("ROLLBACK", timeout=deadline(tx.db.settings.pool))
+            except Exception:
+                broken = True
+        await self._release(tx, broken=broken)
+
+    def _finish(self, tx: OpenTransaction, to: TxState) -> None:
+        tx.move(to)
         self.open.pop(tx.id, None)
-        if tx.tx is not None and tx.conn is not None and not tx.conn.is_closed():
-            with contextlib.suppress(Exception):
-                await tx.tx.rollback()
-        await self._release(tx)
 
     async def _release(self, tx: OpenTransaction, broken: bool = False) -> None:
         conn, node = tx.conn, tx.node
-        tx.conn = tx.tx = None
-        if conn is None or node is None or node.pool is None:
+        tx.conn = None
+        if conn is None or node is None:
             return
-        if broken:
+        self._held[id(node)] -= 1
+        if not self._held[id(node)]:
+            del self._held[id(node)]
+        if broken and not is_closed(conn):
             conn.terminate()
-        await release(node, conn)
+        if node.pool is not None:
+            await release(node, conn, tx.db.settings.pool.acquire_timeout)
 
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.settings.idle_timeout / 4))
-            deadline = time.monotonic() - self.settings.idle_timeout
             for tx in list(self.open.values()):
-                if tx.last_used < deadline and not tx.lock.locked():
-                    log.warning("rolling back transaction %s idle for too long", tx.id[:8])
-                    await self._discard(tx)
+                if tx.lock.locked():
+                    continue
+                async with tx.lock:
+                    idle = time.monotonic() - tx.last_used >= self.settings.idle_timeout
+                    if idle and tx.state not in _FINISHED:
+                        log.warning("rolling back transaction %s idle for too long", tx.id[:8])
+                        await self._rollback(tx)
 
     async def close(self) -> None:
-        """Refuse new transactions and roll back the open ones."""
+        """Refuse new transactions and roll back the open ones (after the drain, a plan
+        still running has its connection closed: the server rolls it back)."""
         self.accepting = False
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         for tx in list(self.open.values()):
-            await self._discard(tx)
+            if tx.lock.locked():
+                if tx.conn is not None and not is_closed(tx.conn):
+                    tx.conn.terminate()
+                continue
+            async with tx.lock:
+                if tx.state not in _FINISHED:
+                    await self._rollback(tx)

@@ -11,6 +11,7 @@ from client import (
     ActiveRecord,
     ConnectionManager,
     Count,
+    DatabaseError,
     PlanError,
     RecordNotFound,
     Sum,
@@ -126,10 +127,19 @@ async def test_insert_many_and_execute_raw(primary) -> None:
     assert await primary.fetchval("SELECT count(*) FROM orders WHERE status = 'raw'") == 3
 
 
-async def test_raw_read_declared_as_read_cannot_write() -> None:
-    with pytest.raises(Exception) as err:
+async def test_raw_read_declared_as_read_cannot_write(primary) -> None:
+    before = await primary.fetchval("SELECT count(*) FROM orders")
+    # Refused by the parser before it runs; a write hidden in a CTE, by READ ONLY.
+    with pytest.raises(PlanError) as err:
         await ActiveRecord.execute_raw("DELETE FROM orders", writes=False)
+    assert err.value.code == "raw_refused"
+    with pytest.raises(DatabaseError) as err:
+        await ActiveRecord.execute_raw(
+            "WITH gone AS (DELETE FROM orders RETURNING 1) SELECT count(*) FROM gone",
+            writes=False,
+        )
     assert err.value.code == "read_only_transaction"
+    assert await primary.fetchval("SELECT count(*) FROM orders") == before
 
 
 async def test_unique_violation_maps_to_exception() -> None:
