@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,22 @@ def samples(ops: str, name: str) -> list[tuple[dict[str, str], float]]:
 def counter(ops: str, name: str, **labels: str) -> float:
     """The sum of the samples named ``name`` whose labels include ``labels``."""
     return sum(v for have, v in samples(ops, name) if labels.items() <= have.items())
+
+
+def answers(ops: str) -> Counter[str]:
+    """A sidecar's answers to plans (/v1/query) and bundles (/v1/bundle) by status code.
+    A bundle answers 200 with any per-plan errors inside it."""
+    counts: Counter[str] = Counter()
+    for labels, value in samples(ops, "dbsidecar_requests_total"):
+        if labels["endpoint"] in ("/v1/query", "/v1/bundle"):
+            counts[labels["code"]] += int(value)
+    return counts
+
+
+def statements(ops: str, database: str) -> Counter[tuple[str, str]]:
+    """Statements a sidecar ran on one database's nodes, by (role, outcome)."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for labels, value in samples(ops, "dbsidecar_queries_total"):
+        if labels["database"] == database:
+            counts[labels["role"], labels["outcome"]] += int(value)
+    return counts

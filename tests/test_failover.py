@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections import Counter
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -25,7 +24,7 @@ from client.protocol import Insert, Raw, Route
 from client.transport import Transport
 from sidecar.localdb import LocalTopology, PgServer
 
-from .harness import SidecarProcess, eventually, free_port, http_get, samples
+from .harness import SidecarProcess, answers, eventually, free_port, http_get, statements
 
 pytestmark = pytest.mark.slow
 
@@ -107,20 +106,6 @@ def insert(v: str) -> Insert:
     return Insert(database="orders", table="t", rows=[{"v": v}], returning=["id"])
 
 
-def _sidecar_counts(proc: SidecarProcess) -> tuple[Counter[str], Counter[tuple[str, str]]]:
-    """The sidecar's own counts: /v1/query answers by status code, and statements run
-    on the orders nodes by (role, outcome)."""
-    answers: Counter[str] = Counter()
-    for labels, value in samples(proc.ops, "dbsidecar_requests_total"):
-        if labels["endpoint"] == "/v1/query":
-            answers[labels["code"]] += int(value)
-    statements: Counter[tuple[str, str]] = Counter()
-    for labels, value in samples(proc.ops, "dbsidecar_queries_total"):
-        if labels["database"] == "orders":
-            statements[labels["role"], labels["outcome"]] += int(value)
-    return answers, statements
-
-
 @pytest.mark.parametrize("read_retries", [3, 0], ids=["client-retries", "no-client-retries"])
 async def test_replica_stopped_under_load_then_back(pair, started, read_retries) -> None:
     proc, shared = started
@@ -141,7 +126,7 @@ async def test_replica_stopped_under_load_then_back(pair, started, read_retries)
             except DbSidecarError as exc:
                 outcomes.append((time.monotonic(), exc.code, None))
 
-    answers_before, statements_before = _sidecar_counts(proc)
+    answers_before, statements_before = answers(proc.ops), statements(proc.ops, "orders")
     readers = [asyncio.create_task(reader()) for _ in range(32)]
     try:
 
@@ -165,24 +150,23 @@ async def test_replica_stopped_under_load_then_back(pair, started, read_retries)
     finally:
         done.set()
         await asyncio.gather(*readers)
-    answers_after, statements_after = _sidecar_counts(proc)
-    answers = answers_after - answers_before
-    statements = statements_after - statements_before
+    answered = answers(proc.ops) - answers_before
+    ran = statements(proc.ops, "orders") - statements_before
     assert len(outcomes) > 100
     # Exact: no read failed, not even inside the detection window. The sidecar answered
     # every request 200 (with client retries off, exactly the reads the client made).
     assert [code for _, code, _ in outcomes if code is not None] == []
-    assert set(answers) == {"200"}, answers
+    assert set(answered) == {"200"}, answered
     if read_retries == 0:
-        assert answers["200"] == len(outcomes), (answers, len(outcomes))
+        assert answered["200"] == len(outcomes), (answered, len(outcomes))
     # The stop was felt: statements failed on the replica as node_unavailable ...
-    lost = statements[("replica", "node_unavailable")]
-    assert lost >= 1, statements
-    assert set(statements) <= {("replica", "ok"), ("replica", "node_unavailable"),
-                               ("primary", "ok")}, statements  # fmt: skip
+    lost = ran[("replica", "node_unavailable")]
+    assert lost >= 1, ran
+    expected = {("replica", "ok"), ("replica", "node_unavailable"), ("primary", "ok")}
+    assert set(ran) <= expected, ran
     # ... and the sidecar ran each of them once more, on the primary: one statement per
     # answered request, plus one per replica failure.
-    assert statements.total() == answers.total() + lost, (statements, answers)
+    assert ran.total() == answered.total() + lost, (ran, answered)
     assert any(node == "a" for at, _, node in outcomes if at > stop_at[0])
     await asyncio.to_thread(pair.replica.start)
     await eventually(lambda: _served_by(db, "b"), 10, "the restarted replica to serve reads")

@@ -9,6 +9,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -22,7 +23,7 @@ from client.transport import Transport
 from sidecar.localdb import LocalTopology, PgServer
 
 from .consul_server import ConsulTestServer
-from .harness import SidecarProcess, eventually, free_port, http_get
+from .harness import SidecarProcess, answers, eventually, free_port, http_get, statements
 
 pytestmark = pytest.mark.slow
 
@@ -65,10 +66,12 @@ async def handle() -> AsyncIterator[list[Transport]]:
         await t.close()
 
 
-def database(proc: SidecarProcess, transports: list[Transport], name: str = "orders") -> Database:
+def database(
+    proc: SidecarProcess, transports: list[Transport], name: str = "orders", **options: Any
+) -> Database:
     transport = Transport(proc.url)
     transports.append(transport)
-    return Database(name, transport=transport, database=name, consistency="eventual")
+    return Database(name, transport=transport, database=name, consistency="eventual", **options)
 
 
 async def test_one_hundred_reloads_under_load_fail_no_request(topology, tmp_path, handle) -> None:
@@ -85,7 +88,9 @@ async def test_one_hundred_reloads_under_load_fail_no_request(topology, tmp_path
     proc = SidecarProcess(with_replica, tmp_path, "reload")
     proc.start()
     try:
-        db = database(proc, handle)
+        # No client retries: every failure the sidecar answers reaches a client. Half the
+        # clients send one request per plan, half let the client bundle their plans.
+        handles = [database(proc, handle, read_retries=0, batching=b) for b in (False, True)]
         failures: list[BaseException] = []
         served: set[str] = set()
         stop = asyncio.Event()
@@ -102,12 +107,14 @@ async def test_one_hundred_reloads_under_load_fail_no_request(topology, tmp_path
                     else Select(database="orders", table="kv", limit=1, route=Route())
                 )
                 try:
-                    result = await db.run(plan)
+                    result = await handles[i % 4 // 2].run(plan)
                     served.update(s.node for s in result.served_by)
                     count += 1
                 except DbSidecarError as exc:
                     failures.append(exc)
 
+        answers_before = answers(proc.ops)
+        statements_before = statements(proc.ops, "orders")
         clients = [asyncio.create_task(client(i)) for i in range(32)]
         results = []
         for i in range(100):
@@ -120,6 +127,13 @@ async def test_one_hundred_reloads_under_load_fail_no_request(topology, tmp_path
         assert set(results) <= {"applied", "unchanged"}
         assert served <= {"p", "r"} and "r" in served
         assert count > 500
+        # The sidecar's own counts agree: every request answered 200, and it ran one
+        # statement per plan, every one ok.
+        answered = answers(proc.ops) - answers_before
+        assert set(answered) == {"200"}, answered
+        ran = statements(proc.ops, "orders") - statements_before
+        assert {outcome for _, outcome in ran} == {"ok"}, ran
+        assert ran.total() == count, (ran, count)
         metrics = http_get(proc.ops + "/metrics")[1].decode()
         applied = sum(
             float(line.rsplit(" ", 1)[1])
