@@ -68,7 +68,12 @@ class Dispatcher:
     def __init__(self, topology: Topology, settings: Settings) -> None:
         self.topology = topology
         self.settings = settings
-        self.compiler = Compiler(max_where_depth=settings.limits.max_where_depth)
+        limits = settings.limits
+        self.compiler = Compiler(
+            max_where_depth=limits.max_where_depth,
+            max_in_values=limits.max_in_values,
+            cache_bytes=limits.compile_cache_bytes,
+        )
         self.router = Router()
 
     def database(self, name: str, topology: Topology | None = None) -> tuple[Database, int | None]:
