@@ -178,3 +178,79 @@ def _wire(value: Any) -> Any:
 @given(rows=rows_strategy, queries=queries_strategy)
 def test_scatter_gather_equals_the_unsharded_oracle(topology, sidecar, rows, queries) -> None:
     asyncio.run(_check(topology, sidecar, rows, queries))
+
+
+ICU_NAMES = ["b", "B", "a", "A", "é", "e", "_x", "Z", "z10", "z9", "ß", "ss", None]
+
+
+def test_exact_merge_follows_an_icu_collation(topology) -> None:
+    """merge_select_exact/merge_aggregate_exact with a real PostgreSQL to ask, on shard runs
+    sorted by PostgreSQL: the same answer as one table holding every row."""
+    from sidecar.executor import Outcome
+    from sidecar.merge import merge_aggregate_exact, merge_select_exact, shard_select
+
+    async def check() -> None:
+        oracle = await asyncpg.connect(server_dsn(topology, topology.primary, "users"))
+        ddl = 'CREATE TABLE icu_t (id bigint PRIMARY KEY, name text COLLATE "en-x-icu")'
+        rows = [(i, n) for i, n in enumerate(ICU_NAMES)]
+        try:
+            await oracle.execute(ddl)
+            await oracle.executemany("INSERT INTO icu_t VALUES ($1, $2)", rows)
+
+            async def ask(sql: str, params: list) -> list:
+                return [tuple(r) for r in await oracle.fetch(sql, *params)]
+
+            for desc in (False, True):
+                plan = Select(
+                    database="users",
+                    table="icu_t",
+                    columns=["id", "name"],
+                    order_by=[OrderBy("name", desc), OrderBy("id")],
+                    limit=6,
+                    offset=3,
+                )
+                _, extra = shard_select(plan)
+                runs = []
+                for k in range(3):  # three "shards": id % 3, each sorted by PostgreSQL
+                    part = await oracle.fetch(
+                        f"SELECT id, name FROM icu_t WHERE id % 3 = {k} ORDER BY name"
+                        f"{' DESC' if desc else ''}, id LIMIT 9"
+                    )
+                    runs.append(
+                        Outcome(
+                            ["id", "name"],
+                            [None, None],
+                            [tuple(r) for r in part],
+                            len(part),
+                            None,
+                            "primary",
+                            None,
+                        )
+                    )  # type: ignore[arg-type]
+                _, got = await merge_select_exact(plan, runs, extra, ask)
+                want = await oracle.fetch(
+                    f"SELECT id, name FROM icu_t ORDER BY name{' DESC' if desc else ''}, id"
+                    " LIMIT 6 OFFSET 3"
+                )
+                assert got == [tuple(r) for r in want], desc
+            agg = AggregateQuery(
+                database="users",
+                table="icu_t",
+                aggregates=[Aggregate("min", "name", "lo"), Aggregate("max", "name", "hi")],
+            )
+            parts = []
+            for k in range(3):
+                r = await oracle.fetchrow(
+                    f"SELECT min(name), max(name) FROM icu_t WHERE id % 3 = {k}"
+                )
+                parts.append(
+                    Outcome(["_a0", "_a1"], [None, None], [tuple(r)], 1, None, "primary", None)
+                )  # type: ignore[arg-type]
+            _, _, got_agg = await merge_aggregate_exact(agg, parts, ask)
+            want_agg = await oracle.fetchrow("SELECT min(name), max(name) FROM icu_t")
+            assert got_agg == [tuple(want_agg)]
+        finally:
+            await oracle.execute("DROP TABLE IF EXISTS icu_t")
+            await oracle.close()
+
+    asyncio.run(check())

@@ -86,3 +86,27 @@ async def test_json_documents_of_every_shape() -> None:
             writes=False,
         )
         assert rows[0]["j"] == doc and rows[0]["js"] == doc
+
+
+def test_values_json_cannot_spell_travel_as_postgresql_words() -> None:
+    import math
+
+    from client.values import decode_value, encode_value, row_converters, wire_rows
+
+    specials = [math.nan, math.inf, -math.inf, dt.datetime.max, dt.datetime.min, dt.date.max,
+                dt.date.min]  # fmt: skip
+    wires = [encode_value(v) for v in specials]
+    assert wires == [
+        {"$float": "NaN"}, {"$float": "Infinity"}, {"$float": "-Infinity"},
+        {"$datetime": "infinity"}, {"$datetime": "-infinity"},
+        {"$date": "infinity"}, {"$date": "-infinity"},
+    ]  # fmt: skip
+    back = [decode_value(w) for w in wires]
+    assert math.isnan(back[0]) and back[1:] == specials[1:]
+    # Results: the sidecar spells them out, the client reads them back.
+    kinds = ["float", "datetime", "date", "array:float"]
+    row = (math.nan, dt.datetime.max, dt.date.min, [-math.inf, 1.5, None])
+    (wired,) = wire_rows(kinds, [row])
+    assert wired == ["NaN", "infinity", "-infinity", ["-Infinity", 1.5, None]]
+    got = [conv(v) for conv, v in zip(row_converters(kinds), wired, strict=True)]
+    assert math.isnan(got[0]) and got[1:] == list(row[1:])
