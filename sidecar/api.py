@@ -10,6 +10,7 @@ Starlette's router, whose per-request cost the hot path does not need.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import itertools
 import logging
@@ -40,6 +41,7 @@ from client.protocol import (
 )
 
 from . import logs, metrics
+from .bodies import read_body
 from .errors import SidecarError
 from .openapi import openapi_document
 from .state import SidecarState
@@ -75,10 +77,17 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
         return decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise SidecarError(400, "bad_plan", f"invalid plan: {exc}") from None
+    except RecursionError:
+        # msgspec stops at the interpreter's recursion limit (~1000 levels of nesting).
+        raise SidecarError(400, "plan_too_complex", "the plan is nested too deeply") from None
 
 
-def _too_large(limit: int) -> SidecarError:
-    return SidecarError(413, "body_too_large", f"request bodies are limited to {limit} bytes")
+def _authorized(given: str, token: str) -> bool:
+    """``Authorization: Bearer <token>``; the scheme is case-insensitive (RFC 7235)."""
+    scheme, _, credentials = given.partition(" ")
+    # Compare the token even for a wrong scheme, so timing tells nothing about either.
+    same = hmac.compare_digest(credentials.lstrip(" ").encode(), token.encode())
+    return same and scheme.lower() == "bearer"
 
 
 async def serve(
@@ -125,10 +134,8 @@ async def _guarded(
 ) -> tuple[int, Any]:
     try:
         token = state.settings.auth_token
-        if token is not None:
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                raise SidecarError(401, "unauthorized", "missing or wrong bearer token")
+        if token is not None and not _authorized(headers.get("authorization", ""), token):
+            raise SidecarError(401, "unauthorized", "missing or wrong bearer token")
         return await handler(Call(state, await read(), params))
     except SidecarError as exc:
         return exc.status, ErrorEnvelope(exc.body())
@@ -214,17 +221,9 @@ async def admin_reload(call: Call) -> tuple[int, Any]:
 def _route(path: str, handler: Handler, method: str = "POST") -> Route:
     async def endpoint(request: Request) -> Response:
         state: SidecarState = request.app.state.sidecar
+        declared = request.headers.get("content-length", "")
         limit = state.settings.limits.max_body_bytes
-
-        async def read() -> bytes:
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:
-                raise _too_large(limit)
-            body = await request.body()
-            if len(body) > limit:
-                raise _too_large(limit)
-            return body
-
+        read = functools.partial(read_body, request.receive, declared, limit)
         status, body, rid = await serve(
             state, path, request.headers, read, request.path_params, handler
         )
@@ -268,22 +267,7 @@ class DataPlane:
             if k in (b"authorization", b"x-request-id", b"content-length")
         }
         limit = self.state.settings.limits.max_body_bytes
-
-        async def read() -> bytes:
-            declared = headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:
-                raise _too_large(limit)
-            chunks, size = [], 0
-            while True:
-                message = await receive()
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-
+        read = functools.partial(read_body, receive, headers.get("content-length", ""), limit)
         status, body, rid = await serve(self.state, scope["path"], headers, read, {}, handler)
         await send(
             {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from . import logs, metrics
 from .api import data_app
 from .dispatch import Dispatcher
 from .health import Prober
+from .http_protocol import MAX_CONCURRENCY, BoundedHttpToolsProtocol
 from .ops import ops_app
 from .reload import ConfigManager
 from .settings import ConfigError, Settings
@@ -41,15 +43,18 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _server(app: Starlette, settings: Settings, **where: object) -> _Server:
+def _server(app: Starlette, state: SidecarState, **where: object) -> _Server:
+    # httptools with header-size and request-read bounds (uvicorn's own has neither).
+    protocol = functools.partial(BoundedHttpToolsProtocol, limits=lambda: state.settings.limits)
     config = uvicorn.Config(
         app,
-        http="httptools",
+        http=protocol,  # type: ignore[arg-type]
+        limit_concurrency=MAX_CONCURRENCY,
         lifespan="off",
         access_log=False,
         log_config=None,
         server_header=False,
-        timeout_graceful_shutdown=int(settings.shutdown.drain_timeout) or None,
+        timeout_graceful_shutdown=int(state.settings.shutdown.drain_timeout) or None,
         **where,  # type: ignore[arg-type]
     )
     return _Server(config)
@@ -61,14 +66,14 @@ def _listeners(state: SidecarState) -> tuple[list[_Server], _Server, list[str]]:
     servers, where = [], []
     if settings.listen.port is not None:
         host = settings.listen.host or "127.0.0.1"
-        servers.append(_server(data, settings, host=host, port=settings.listen.port))
+        servers.append(_server(data, state, host=host, port=settings.listen.port))
         where.append(f"http://{host}:{settings.listen.port}")
     if settings.listen.uds:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(settings.listen.uds)  # a stale socket from a killed predecessor
-        servers.append(_server(data, settings, uds=settings.listen.uds))
+        servers.append(_server(data, state, uds=settings.listen.uds))
         where.append(f"unix://{settings.listen.uds}")
-    ops = _server(ops_app(state), settings, host=settings.ops.host, port=settings.ops.port)
+    ops = _server(ops_app(state), state, host=settings.ops.host, port=settings.ops.port)
     return servers, ops, where
 
 
