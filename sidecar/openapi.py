@@ -7,50 +7,191 @@ from typing import Any
 
 import msgspec
 
-from client.protocol import Batch, BatchResult, ErrorEnvelope, Plan, Result
+from client.protocol import (
+    COMPARISON_OPS,
+    Batch,
+    BatchResult,
+    Bundle,
+    BundleResult,
+    ErrorEnvelope,
+    Plan,
+    Result,
+    TxBegin,
+    TxDone,
+    TxOpened,
+)
 
 from . import __version__
 
+_REF = "#/components/schemas/{name}"
+_WHERE_REF = {"$ref": _REF.format(name="Where")}
 
-def _json(ref: str) -> dict[str, Any]:
-    return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
-
-
-def _post(summary: str, request: str, response: str) -> dict[str, Any]:
-    return {
-        "post": {
-            "summary": summary,
-            "requestBody": {"required": True, **_json(request)},
-            "responses": {
-                "200": {"description": "OK", **_json(response)},
-                "default": {"description": "An error", **_json("ErrorEnvelope")},
+# The wire types carry where-trees as plain objects (the sidecar checks them); the
+# document states their real shape so readers and fuzzers see what is accepted.
+_WHERE: dict[str, Any] = {
+    "description": "A where-tree: {and|or: [...]}, {not: ...} or a comparison.",
+    "anyOf": [
+        *(
+            {
+                "type": "object",
+                "properties": {key: {"type": "array", "items": _WHERE_REF}},
+                "required": [key],
+                "additionalProperties": False,
+            }
+            for key in ("and", "or")
+        ),
+        {
+            "type": "object",
+            "properties": {"not": _WHERE_REF},
+            "required": ["not"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {
+                "col": {"type": "string"},
+                "op": {"enum": sorted(COMPARISON_OPS)},
+                # A typed wire value (client.values): JSON, or {"$datetime": ...} and kin;
+                # a list for in/not_in/between, a boolean for is_null.
+                "value": {},
             },
-        }
+            "required": ["col", "op"],
+            "additionalProperties": False,
+        },
+    ],
+}
+
+_TOPOLOGY: dict[str, Any] = {
+    "type": "object",
+    "description": "Databases, shards and nodes with their live state (as /healthz).",
+    "properties": {
+        "started": {"type": "boolean"},
+        "draining": {"type": "boolean"},
+        "inflight": {"type": "integer"},
+        "databases": {"type": "object", "additionalProperties": {"type": "object"}},
+    },
+    "required": ["started", "draining", "databases"],
+}
+
+_RELOAD: dict[str, Any] = {
+    "type": "object",
+    "properties": {"result": {"type": "string"}, "error": {"type": ["string", "null"]}},
+    "required": ["result", "error"],
+}
+
+_QUIT: dict[str, Any] = {
+    "type": "object",
+    "properties": {"status": {"const": "draining"}},
+    "required": ["status"],
+}
+
+# Plan first: its schema is an anyOf, which becomes a component of its own.
+_WIRE_TYPES = (
+    Plan,
+    Batch,
+    Bundle,
+    TxBegin,
+    TxOpened,
+    TxDone,
+    Result,
+    BatchResult,
+    BundleResult,
+    ErrorEnvelope,
+)
+
+_TX_ID: list[dict[str, Any]] = [
+    {"name": "tx_id", "in": "path", "required": True, "schema": {"type": "string"}}
+]
+
+
+def _json(schema: dict[str, Any] | str) -> dict[str, Any]:
+    if isinstance(schema, str):
+        schema = {"$ref": _REF.format(name=schema)}
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _operation(
+    summary: str,
+    response: dict[str, Any] | str,
+    request: str | None = None,
+    parameters: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    # Every failure answers the error envelope with a fitting 4xx/5xx status.
+    error = {"description": "An error", **_json("ErrorEnvelope")}
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "200": {"description": "OK", **_json(response)},
+            **(extra or {}),
+            "4XX": error,
+            "5XX": error,
+        },
     }
+    if request is not None:
+        operation["requestBody"] = {"required": True, **_json(request)}
+    if parameters:
+        operation["parameters"] = parameters
+    return operation
+
+
+def _with_where_trees(components: dict[str, Any]) -> None:
+    for schema in components.values():
+        where = schema.get("properties", {}).get("where")
+        if where is not None:
+            where["anyOf"] = [_WHERE_REF, {"type": "null"}]
+    components["Where"] = _WHERE
 
 
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     (plan_ref, *_), components = msgspec.json.schema_components(
-        [Plan, Batch, Result, BatchResult, ErrorEnvelope],
-        ref_template="#/components/schemas/{name}",
+        _WIRE_TYPES,
+        ref_template=_REF,
     )
     components["Plan"] = plan_ref
+    _with_where_trees(components)
+    post, get = "post", "get"
     return {
         "openapi": "3.1.0",
         "info": {"title": "dbsidecar data API", "version": __version__},
         "paths": {
-            "/v1/query": _post("Run one plan", "Plan", "Result"),
-            "/v1/batch": _post("Run plans in one transaction", "Batch", "BatchResult"),
-            "/v1/topology": {
-                "get": {
-                    "summary": "Databases, shards and nodes with their live state",
-                    "responses": {"200": {"description": "OK"}},
-                }
+            "/v1/query": {post: _operation("Run one plan", "Result", "Plan")},
+            "/v1/batch": {post: _operation("Run plans in one transaction", "BatchResult", "Batch")},
+            "/v1/bundle": {
+                post: _operation(
+                    "Run independent plans, each on its own (errors per plan)",
+                    "BundleResult",
+                    "Bundle",
+                )
+            },
+            "/v1/tx": {post: _operation("Open an interactive transaction", "TxOpened", "TxBegin")},
+            "/v1/tx/{tx_id}": {
+                post: _operation("Run a plan in a transaction", "Result", "Plan", _TX_ID)
+            },
+            "/v1/tx/{tx_id}/commit": {
+                post: _operation("Commit a transaction", "TxDone", parameters=_TX_ID)
+            },
+            "/v1/tx/{tx_id}/rollback": {
+                post: _operation("Roll a transaction back", "TxDone", parameters=_TX_ID)
+            },
+            "/v1/topology": {get: _operation("The live topology", _TOPOLOGY)},
+            "/openapi.json": {get: _operation("This document", {"type": "object"})},
+            "/quitquitquit": {
+                post: _operation("Drain and exit, as on SIGTERM (stops the sidecar)", _QUIT)
+            },
+            "/v1/admin/reload": {
+                post: _operation(
+                    "Reload the configuration from its sources",
+                    _RELOAD,
+                    extra={"422": {"description": "Refused configuration", **_json(_RELOAD)}},
+                )
             },
         },
         "components": {
             "schemas": components,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
+        # The bearer token is needed only when the sidecar is configured with one.
+        "security": [{}, {"bearer": []}],
     }
