@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -29,9 +29,10 @@ from client.protocol import (
     Select,
     plan_writes,
 )
+from client.values import wire_rows
 
 from . import merge, metrics, sharding
-from .compiler import Compiled, Compiler
+from .compiler import Compiled, Compiler, Statement
 from .errors import SidecarError, bad_plan
 from .executor import Outcome, execute, to_result
 from .router import Router
@@ -139,7 +140,7 @@ class Dispatcher:
         return Result(
             columns=flat[0].columns,
             types=flat[0].kinds,
-            rows=[list(r) for o in flat for r in o.rows],
+            rows=wire_rows(flat[0].kinds, [list(r) for o in flat for r in o.rows]),
             rowcount=sum(o.rowcount for o in flat),
             lsn=_token(db, flat),
             served_by=[o.served_by() for o in flat],
@@ -165,11 +166,11 @@ class Dispatcher:
         try:
             return await self._execute(db, shard, node, role, plan, compiled, writes)
         except SidecarError as exc:
-            # A read whose node failed is tried once more on another eligible node (the
-            # failed one is marked down by now). A write never is: it may have committed.
-            if writes or exc.code != "node_unavailable":
+            # A read whose node failed, or had no free connection, is tried once more on
+            # another eligible node. A write never is: it may have committed.
+            if writes or exc.code not in ("node_unavailable", "pool_timeout"):
                 raise
-            again, again_role = await self._read_node(db, shard, plan, count=False)
+            again, again_role = await self._read_node(db, shard, plan, count=False, exclude=node)
             if again is node:
                 raise
             return await self._execute(db, shard, again, again_role, plan, compiled, writes)
@@ -235,11 +236,13 @@ class Dispatcher:
                 )
 
     async def _read_node(
-        self, db: Database, shard: Shard, plan: Plan, count: bool
+        self, db: Database, shard: Shard, plan: Plan, count: bool, exclude: Node | None = None
     ) -> tuple[Node, str]:
         replica = (plan.route.role or db.settings.read_default) == "replica"
         after = _after(db, shard, plan.route.after)
-        choice = await self.router.choose(db, shard, replica=replica, after=after, count=count)
+        choice = await self.router.choose(
+            db, shard, replica=replica, after=after, count=count, exclude=exclude
+        )
         return choice.node, choice.role
 
     async def _gather(self, db: Database, plan: Plan, shards: list[Shard]) -> list[Outcome]:
@@ -251,10 +254,17 @@ class Dispatcher:
 
     async def _scatter(self, db: Database, plan: Plan, shards: list[Shard]) -> Result:
         served: list[Outcome]
+
+        async def ask(sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+            # The merge asks PostgreSQL for orders Python cannot reproduce (collations).
+            compiled = Compiled(Statement(sql, returns_rows=True), params)
+            outcomes = await self._on_shard(db, shards[0], plan, False, False, compiled)
+            return outcomes[0].rows
+
         if isinstance(plan, Select):
             shard_plan, extra = merge.shard_select(plan)
             served = await self._gather(db, shard_plan, shards)
-            columns, rows = merge.merge_select(plan, served, extra)
+            columns, rows = await merge.merge_select(plan, served, extra, ask)
             kinds = served[0].kinds[: len(columns)]
         elif isinstance(plan, Count):
             served = await self._gather(db, plan, shards)
@@ -262,7 +272,7 @@ class Dispatcher:
             rows = [(sum(o.rows[0][0] for o in served),)]
         elif isinstance(plan, AggregateQuery):
             served = await self._gather(db, merge.shard_aggregate(plan), shards)
-            columns, kinds, rows = merge.merge_aggregate(plan, served)
+            columns, kinds, rows = await merge.merge_aggregate(plan, served, ask)
         else:
             # A raw read on every shard: the rows of all shards, in shard order.
             served = await self._gather(db, plan, shards)
@@ -271,13 +281,15 @@ class Dispatcher:
         return Result(
             columns=columns,
             types=kinds,
-            rows=[list(r) for r in rows],
+            rows=wire_rows(kinds, [list(r) for r in rows]),
             rowcount=len(rows),
             served_by=[o.served_by() for o in served],
         )
 
     async def _sharded_insert(self, db: Database, plan: Insert, pinned: int | None) -> Result:
         assert db.shard_fn is not None
+        if not plan.rows:
+            raise bad_plan("an insert needs at least one row")
         groups = sharding.split_rows(plan, db.shard_fn)
         if plan.route.shard is not None:
             pinned = sharding.explicit_shard(plan.route.shard, db.shard_names)
@@ -307,7 +319,7 @@ class Dispatcher:
         return Result(
             columns=outcomes[0].columns,
             types=outcomes[0].kinds,
-            rows=rows,
+            rows=wire_rows(outcomes[0].kinds, rows),
             rowcount=sum(o.rowcount for o in outcomes),
             lsn=_token(db, outcomes),
             served_by=[o.served_by() for o in outcomes],

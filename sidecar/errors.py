@@ -148,12 +148,22 @@ def is_connection_error(exc: BaseException) -> bool:
     )
 
 
+def caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` or an exception it was raised while handling is a ``kind``."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__context__
+    return False
+
+
 def connection_lost(exc: BaseException, conn: asyncpg.Connection | None = None) -> bool:
     """Whether a failure means the connection (or its server) is gone.
 
-    asyncpg can hide the cause: leaving ``conn.transaction()`` after the connection broke
-    raises a plain InterfaceError whose context is the real one, and work on a connection
-    that closed while idle in the pool fails with a plain InterfaceError too.
+    asyncpg can hide the cause: a statement after the connection broke raises a plain
+    InterfaceError while handling the real error, and work on a connection that closed
+    while idle in the pool fails with a plain InterfaceError too.
     """
     seen: BaseException | None = exc
     while seen is not None:

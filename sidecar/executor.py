@@ -15,11 +15,13 @@ from typing import Any
 import asyncpg
 
 from client.protocol import Result, ServedBy
+from client.values import wire_rows
 
 from . import metrics
 from .compiler import Compiled, Statement
 from .errors import (
     SidecarError,
+    caused_by,
     connection_lost,
     from_exception,
     is_closed,
@@ -163,13 +165,24 @@ async def run_statement(
     return stmt.columns, stmt.kinds, [tuple(r) for r in records], len(records)
 
 
+async def rollback(conn: asyncpg.Connection, limit: float | None) -> None:
+    """Roll back after a failure; a connection that cannot is closed instead."""
+    try:
+        await conn.execute("ROLLBACK", timeout=limit)
+    except Exception:
+        conn.terminate()
+
+
 def failed(node: Node, conn: asyncpg.Connection, exc: BaseException) -> None:
-    """After a statement failed: a broken connection (or a server past its deadline) is
-    closed at once and its node marked failing; anything else leaves both alone."""
+    """After a statement failed: a broken connection is closed at once. Its node is marked
+    failing only when the server let the statement's deadline pass (frozen, unreachable);
+    one lost session (a terminated backend) says nothing about the others, and a server
+    that is really gone fails the next connect, which marks it (see acquire)."""
     if connection_lost(exc, conn):
         if not is_closed(conn):
             conn.terminate()
-        node.mark(False, str(exc))
+        if caused_by(exc, TimeoutError):
+            node.mark(False, f"no answer within the statement deadline: {exc}")
 
 
 async def execute(
@@ -192,10 +205,16 @@ async def execute(
         outcomes: list[Outcome] = []
         try:
             if transaction or len(statements) > 1 or readonly:
-                async with conn.transaction(readonly=readonly):
-                    for compiled in statements:
-                        parts = await run_statement(conn, compiled, timeout)
-                        outcomes.append(make_outcome(parts, node, role, shard))
+                # BEGIN and COMMIT by hand: asyncpg's transaction() gives them no deadline.
+                await conn.execute("BEGIN READ ONLY" if readonly else "BEGIN", timeout=timeout)
+                for compiled in statements:
+                    parts = await run_statement(conn, compiled, timeout)
+                    outcomes.append(make_outcome(parts, node, role, shard))
+                status = await conn.execute("COMMIT", timeout=timeout)
+                if status != "COMMIT":
+                    raise SidecarError(
+                        409, "transaction_aborted", f"PostgreSQL answered the commit with {status}"
+                    )
             else:
                 parts = await run_statement(conn, statements[0], timeout)
                 outcomes.append(make_outcome(parts, node, role, shard))
@@ -206,6 +225,8 @@ async def execute(
         except Exception as exc:
             failed(node, conn, exc)
             error = from_exception(exc, writes=writes, conn=conn)
+            if not is_closed(conn) and conn.is_in_transaction():
+                await rollback(conn, timeout)
             if len(statements) > 1 and len(outcomes) < len(statements):
                 # In a batch, name the plan that failed.
                 error.index = len(outcomes)
@@ -229,7 +250,7 @@ def to_result(outcome: Outcome, lsn: str | None = None) -> Result:
     return Result(
         columns=outcome.columns,
         types=outcome.kinds,
-        rows=outcome.rows,  # type: ignore[arg-type]
+        rows=wire_rows(outcome.kinds, outcome.rows),  # type: ignore[arg-type]
         rowcount=outcome.rowcount,
         lsn=lsn,
         served_by=[outcome.served_by()],

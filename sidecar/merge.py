@@ -33,9 +33,9 @@ import functools
 import heapq
 import math
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
@@ -46,7 +46,6 @@ from .executor import Outcome
 from .plancheck import table
 
 Row = tuple[Any, ...]
-T = TypeVar("T")
 # Runs one read-only statement with parameters on a node of the database being
 # merged and returns its rows (the dispatcher provides it).
 Ask = Callable[[str, list[Any]], Awaitable[list[Row]]]
@@ -214,9 +213,11 @@ def shard_select(plan: Select) -> tuple[Select, int]:
     return msgspec.structs.replace(plan, columns=columns, limit=limit, offset=None), len(extra)
 
 
-async def merge_select_exact(
-    plan: Select, outcomes: Sequence[Outcome], extra: int, ask: Ask | None
+async def merge_select(
+    plan: Select, outcomes: Sequence[Outcome], extra: int, ask: Ask | None = None
 ) -> tuple[list[str], list[Row]]:
+    """The shards' rows as one ordered, windowed result; ``ask`` runs SQL on a shard for
+    orders Python cannot reproduce (without it, Python orders everything)."""
     columns = outcomes[0].columns
     merged: Iterable[Row]
     if plan.order_by:
@@ -294,9 +295,10 @@ async def _postgres_combine(
             combined[row[0]][j] = row[n + 1]
 
 
-async def merge_aggregate_exact(
-    plan: AggregateQuery, outcomes: Sequence[Outcome], ask: Ask | None
+async def merge_aggregate(
+    plan: AggregateQuery, outcomes: Sequence[Outcome], ask: Ask | None = None
 ) -> tuple[list[str], list[str | None], list[Row]]:
+    """The shards' partial aggregates combined per group (see merge_select for ``ask``)."""
     ngroup = len(plan.group_by)
     partial = [p for i, a in enumerate(plan.aggregates) for p in _partials(a, i)]
     kinds_out = list(outcomes[0].kinds) if outcomes else []
@@ -374,29 +376,3 @@ async def merge_aggregate_exact(
             keys = [sources[p] for p, _ in positions]
             rows = await _postgres_sorted(ask, tbl, rows, positions, keys, None)
     return columns, kinds, _window(rows, plan.limit, plan.offset)
-
-
-def _now(work: Coroutine[Any, Any, T]) -> T:
-    """The result of a merge that needs no PostgreSQL (ask=None never suspends)."""
-    try:
-        work.send(None)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    work.close()
-    raise RuntimeError("a merge without ask suspended")
-
-
-def merge_select(
-    plan: Select, outcomes: Sequence[Outcome], extra: int
-) -> tuple[list[str], list[Row]]:
-    """merge_select_exact without PostgreSQL's help: text and other values only
-    PostgreSQL orders exactly are ordered by Python (code points, COLLATE "C").
-    Kept until the dispatcher passes ``ask`` to the exact merge."""
-    return _now(merge_select_exact(plan, outcomes, extra, None))
-
-
-def merge_aggregate(
-    plan: AggregateQuery, outcomes: Sequence[Outcome]
-) -> tuple[list[str], list[str | None], list[Row]]:
-    """merge_aggregate_exact without PostgreSQL's help (see merge_select)."""
-    return _now(merge_aggregate_exact(plan, outcomes, None))

@@ -83,20 +83,30 @@ class Router:
         return self.writer(db, shard)
 
     async def choose(
-        self, db: Database, shard: Shard, *, replica: bool, after: int | None, count: bool = True
+        self,
+        db: Database,
+        shard: Shard,
+        *,
+        replica: bool,
+        after: int | None,
+        count: bool = True,
+        exclude: Node | None = None,
     ) -> Choice:
-        """The node for a read on one shard; ``after`` is a WAL position to observe."""
+        """The node for a read on one shard; ``after`` is a WAL position to observe;
+        ``exclude`` a replica that just failed this read."""
         if not replica:
             choice = Choice(self.primary_for_read(db, shard), "primary", "primary")
         else:
-            choice = await self._replica(db, shard, after)
+            choice = await self._replica(db, shard, after, exclude)
         if count:
             self.count(db, choice.decision)
         return choice
 
-    async def _replica(self, db: Database, shard: Shard, after: int | None) -> Choice:
+    async def _replica(
+        self, db: Database, shard: Shard, after: int | None, exclude: Node | None
+    ) -> Choice:
         cfg = db.settings
-        candidates = self._candidates(db, shard)
+        candidates = [n for n in self._candidates(db, shard) if n is not exclude]
         if after is not None and candidates:
             caught_up = [n for n in candidates if n.lsn is not None and n.lsn >= after]
             deadline = time.monotonic() + cfg.ryw_wait_ms / 1000
@@ -107,7 +117,9 @@ class Router:
                 except TimeoutError:
                     break
                 caught_up = [
-                    n for n in self._candidates(db, shard) if n.lsn is not None and n.lsn >= after
+                    n
+                    for n in self._candidates(db, shard)
+                    if n is not exclude and n.lsn is not None and n.lsn >= after
                 ]
             if not caught_up:
                 return Choice(self.primary_for_read(db, shard), "primary", "ryw_primary")

@@ -184,10 +184,10 @@ ICU_NAMES = ["b", "B", "a", "A", "é", "e", "_x", "Z", "z10", "z9", "ß", "ss", 
 
 
 def test_exact_merge_follows_an_icu_collation(topology) -> None:
-    """merge_select_exact/merge_aggregate_exact with a real PostgreSQL to ask, on shard runs
+    """merge_select/merge_aggregate with a real PostgreSQL to ask, on shard runs
     sorted by PostgreSQL: the same answer as one table holding every row."""
     from sidecar.executor import Outcome
-    from sidecar.merge import merge_aggregate_exact, merge_select_exact, shard_select
+    from sidecar.merge import merge_aggregate, merge_select, shard_select
 
     async def check() -> None:
         oracle = await asyncpg.connect(server_dsn(topology, topology.primary, "users"))
@@ -227,7 +227,7 @@ def test_exact_merge_follows_an_icu_collation(topology) -> None:
                             None,
                         )
                     )  # type: ignore[arg-type]
-                _, got = await merge_select_exact(plan, runs, extra, ask)
+                _, got = await merge_select(plan, runs, extra, ask)
                 want = await oracle.fetch(
                     f"SELECT id, name FROM icu_t ORDER BY name{' DESC' if desc else ''}, id"
                     " LIMIT 6 OFFSET 3"
@@ -246,7 +246,7 @@ def test_exact_merge_follows_an_icu_collation(topology) -> None:
                 parts.append(
                     Outcome(["_a0", "_a1"], [None, None], [tuple(r)], 1, None, "primary", None)
                 )  # type: ignore[arg-type]
-            _, _, got_agg = await merge_aggregate_exact(agg, parts, ask)
+            _, _, got_agg = await merge_aggregate(agg, parts, ask)
             want_agg = await oracle.fetchrow("SELECT min(name), max(name) FROM icu_t")
             assert got_agg == [tuple(want_agg)]
         finally:

@@ -7,10 +7,6 @@ the sharded ``users`` database orders text under an ICU collation (a column's
 it; the oracle is the same rows in one unsharded table. Ordering by jsonb across shards
 is refused with a 400, never a 500.
 
-Tests marked ``needs_dispatch`` pass once the dispatcher hands the merge a way to ask
-PostgreSQL (merge.merge_select_exact/merge_aggregate_exact) and results go through
-client.values.wire_rows; until then they are expected failures (strict: an unexpected
-pass fails, so the mark is removed when the wiring lands).
 """
 
 from __future__ import annotations
@@ -23,11 +19,6 @@ from sidecar.dev import USER_SHARDS
 from ..conftest import server_dsn, shard_server, sidecar_config
 from ..harness import SidecarProcess
 from .attack import query
-
-needs_dispatch = pytest.mark.xfail(
-    strict=True,
-    reason="needs dispatch._scatter to pass ask to merge.*_exact and wire_rows on results",
-)
 
 SPECIAL_FLOATS = ["NaN", "Infinity", "-Infinity"]
 # Every ICU root-order subtlety at once: case (a < A), accents (e < é < f),
@@ -106,7 +97,6 @@ async def test_infinite_timestamps_and_dates_are_stored_exactly(sidecar, primary
     await primary.execute("DELETE FROM typed WHERE id = ANY($1)", ids)
 
 
-@needs_dispatch
 async def test_special_values_read_back_as_written(sidecar, primary) -> None:
     rows = [
         dict(f={"$float": w}, ts={"$datetime": s}, ts_naive={"$datetime": s}, d={"$date": s})
@@ -207,7 +197,6 @@ async def _orders_match(url: str, oracle: asyncpg.Connection, database: str, tab
     assert (status, body["rows"]) == (200, [list(want)]), body
 
 
-@needs_dispatch
 async def test_scatter_order_and_min_max_follow_an_icu_column_collation(sidecar, coll_t) -> None:
     await _fill(sidecar.url, coll_t, "users", "coll_t")
     await _orders_match(sidecar.url, coll_t, "users", "coll_t")
@@ -230,7 +219,6 @@ async def test_scatter_order_by_jsonb_is_a_clear_400(sidecar, coll_t) -> None:
         assert "json" in body["error"]["message"]
 
 
-@needs_dispatch
 async def test_scatter_orders_nan_and_infinity_as_postgresql(sidecar, coll_t) -> None:
     words = ["NaN", "Infinity", "-Infinity", 1.5, -0.0, None, "NaN", 3]
     rows = [{"id": i, "f": {"$float": w} if isinstance(w, str) else w} for i, w in enumerate(words)]
@@ -271,7 +259,6 @@ async def test_scatter_orders_nan_and_infinity_as_postgresql(sidecar, coll_t) ->
 ICU_SHARDS = [f"icu_shard_{i}" for i in range(4)]
 
 
-@needs_dispatch
 async def test_scatter_on_databases_created_with_an_icu_locale(topology, workdir) -> None:
     """Shards and oracle are databases whose default collation is ICU en-US; the table
     declares no collation at all."""
