@@ -32,8 +32,7 @@ async def test_repeated_shapes_hit_the_compile_cache(sidecar) -> None:
 
 async def reset_calls(primary) -> int:
     return await primary.fetchval(
-        "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements"
-        " WHERE query LIKE 'DISCARD ALL%'"
+        "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE 'DISCARD ALL%'"
     )
 
 
