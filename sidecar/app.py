@@ -16,19 +16,17 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from urllib.parse import urlsplit
 
 import uvicorn
 from starlette.applications import Starlette
 
-from . import logs, metrics
+from . import metrics
 from .api import data_app
 from .dispatch import Dispatcher
 from .health import Prober
 from .http_protocol import MAX_CONCURRENCY, BoundedHttpToolsProtocol
 from .ops import ops_app
 from .reload import ConfigManager
-from .settings import ConfigError, Settings
 from .state import SidecarState
 from .topology import Topology
 from .transactions import Transactions
@@ -77,21 +75,6 @@ def _listeners(state: SidecarState) -> tuple[list[_Server], _Server, list[str]]:
     return servers, ops, where
 
 
-def _register_secrets(settings: Settings) -> None:
-    logs.register_secret(settings.auth_token)
-    logs.register_secret(os.environ.get("CONSUL_HTTP_TOKEN"))
-    for name, db in settings.databases.items():
-        nodes = [db.primary, *db.replicas] + [
-            n for s in db.shards for n in (s.primary, *s.replicas)
-        ]
-        for node in nodes:
-            if node is not None:
-                with contextlib.suppress(ConfigError):
-                    logs.register_secret(node.resolved_password(f"databases.{name}"))
-                if node.dsn:
-                    logs.register_secret(urlsplit(node.dsn).password)
-
-
 async def serve(config: ConfigManager, announce: Callable[[str], None] = print) -> int:
     """Run the sidecar until a signal asks it to stop; returns the exit code."""
     began = time.monotonic()
@@ -100,7 +83,6 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
     prober = Prober(settings.health)
     transactions = Transactions(dispatcher, settings.transactions)
     state = SidecarState(settings, dispatcher, prober, transactions, config)
-    _register_secrets(settings)
     collector = metrics.StateCollector(lambda: state)
     metrics.registry.register(collector)
     stop = asyncio.Event()

@@ -23,6 +23,7 @@ import time
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 from . import logs, metrics
 from .registry import ConsulRegistry
@@ -54,6 +55,23 @@ def _services(settings: Settings) -> set[str]:
             names.add(db.service.name)
         names |= {s.service.name for s in db.shards if s.service is not None}
     return names
+
+
+def _register_secrets(settings: Settings) -> None:
+    """Mask every secret of these settings in logs and answers, before anything runs
+    with them (a reload may bring new passwords)."""
+    logs.register_secret(settings.auth_token)
+    logs.register_secret(os.environ.get("CONSUL_HTTP_TOKEN"))
+    for name, db in settings.databases.items():
+        nodes = [db.primary, *db.replicas] + [
+            n for s in db.shards for n in (s.primary, *s.replicas)
+        ]
+        for node in nodes:
+            if node is not None:
+                with contextlib.suppress(ConfigError):
+                    logs.register_secret(node.resolved_password(f"databases.{name}"))
+                if node.dsn:
+                    logs.register_secret(urlsplit(node.dsn).password)
 
 
 class ConfigManager:
@@ -109,6 +127,7 @@ class ConfigManager:
             self.registry.start()
             await self._first_document()
         settings = self._startup_settings()
+        _register_secrets(settings)
         if self.registry is not None:
             self.registry.watch_services(_services(settings))
             if not await self.registry.services_seen(5.0):
@@ -242,6 +261,7 @@ class ConfigManager:
         for key in _RESTART_ONLY:
             if getattr(settings, key) != getattr(self.current, key):
                 log.warning("%s changed; it takes effect at the next restart", key)
+        _register_secrets(settings)
         old = state.dispatcher.topology
         topology = build(settings, self.catalog, previous=old)
         await open_pools(topology)
