@@ -76,6 +76,7 @@ _BY_CLASS: dict[str, tuple[int, str, bool]] = {
     "0L": (400, "invalid_grantor", False),
     "0P": (400, "invalid_role_specification", False),
     "0Z": (400, "diagnostics_exception", False),
+    "10": (400, "xquery_error", False),
     "20": (422, "case_not_found", False),
     "21": (422, "cardinality_violation", False),
     "22": (422, "data_exception", False),

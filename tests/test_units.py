@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import inspect
 import itertools
 import time
 import types
@@ -14,6 +15,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import pytest
 
 import client.ids as ids
@@ -31,7 +33,7 @@ from client.protocol import (
 )
 from client.values import Json, WireValueError, decode_value, encode_value, row_converters
 from sidecar.compiler import Compiler
-from sidecar.errors import SidecarError
+from sidecar.errors import SidecarError, from_exception, from_postgres
 from sidecar.executor import Outcome
 from sidecar.merge import merge_aggregate, merge_select, shard_aggregate, shard_select
 from sidecar.settings import ShardingSettings
@@ -1068,3 +1070,50 @@ def test_compile_cache_evicts_the_least_recently_used() -> None:
     cached = {s.sql for s in compiler._cache.values()}
     assert cached == {compiler.compile(p).statement.sql for p in (plans[0], plans[2], plans[3])}
     assert compiler.compile(plans[1]) and compiler.misses == 5
+
+
+# Classes where the server (or the network to it) failed, not the caller.
+_SERVER_SIDE = ("08", "40", "53", "57", "58", "72", "XX")
+
+
+def _postgres_errors() -> list[type[asyncpg.PostgresError]]:
+    return [
+        cls
+        for _, cls in inspect.getmembers(asyncpg.exceptions, inspect.isclass)
+        if issubclass(cls, asyncpg.PostgresError) and isinstance(cls.sqlstate, str)
+    ]
+
+
+@pytest.mark.parametrize("cls", _postgres_errors(), ids=lambda c: c.sqlstate)
+def test_every_sqlstate_a_caller_causes_is_a_4xx(cls: type[asyncpg.PostgresError]) -> None:
+    error = from_postgres(cls("message"))
+    assert error.status != 500 and error.sqlstate == cls.sqlstate
+    if not cls.sqlstate.startswith(_SERVER_SIDE):
+        assert 400 <= error.status < 500, (cls.sqlstate, error.status, error.code)
+
+
+def test_a_canceled_statement_is_not_a_timeout() -> None:
+    timeout = from_postgres(
+        asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout")
+    )
+    assert (timeout.status, timeout.code) == (504, "statement_timeout")
+    canceled = from_postgres(
+        asyncpg.exceptions.QueryCanceledError("canceling statement due to user request")
+    )
+    assert (canceled.status, canceled.code, canceled.retryable) == (409, "query_canceled", True)
+
+
+def test_asyncpg_client_errors_are_the_callers_and_lost_connections_are_not() -> None:
+    wrong_args = asyncpg.exceptions.InterfaceError("the server expects 1 argument, 0 were passed")
+    assert from_exception(wrong_args, writes=True).status == 400
+    gone = asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+    assert from_exception(gone, writes=True).code == "write_outcome_unknown"
+    assert from_exception(gone, writes=False).code == "node_unavailable"
+    # Leaving a transaction block after the connection broke hides the real cause.
+    try:
+        try:
+            raise gone
+        except Exception:
+            raise asyncpg.exceptions.InterfaceError("the underlying connection is closed")  # noqa: B904 - as asyncpg does
+    except Exception as hidden:
+        assert from_exception(hidden, writes=False).code == "node_unavailable"
