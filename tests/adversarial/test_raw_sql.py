@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ..harness import SidecarProcess, http_get
+from ..harness import SidecarProcess, eventually, http_get
 from .attack import post
 
 ORDERS = "orders"
@@ -177,3 +177,24 @@ async def test_client_mistakes_never_mark_a_node_down(sidecar, primary, plan, st
     assert await primary.fetchval("SELECT count(*) FROM orders WHERE user_id = $1", user) == 40
     health, body = http_get(sidecar.ops + "/healthz")
     assert health == 200 and b'"up":false' not in body.replace(b" ", b"")
+
+
+async def test_a_statement_canceled_by_someone_else_is_not_a_timeout(sidecar, primary) -> None:
+    slow = asyncio.create_task(
+        post(sidecar.url, "/v1/query", raw("SELECT pg_sleep(30) /* cancel-me */", writes=False))
+    )
+    running = "SELECT pid FROM pg_stat_activity WHERE query LIKE '%/* cancel-me */'"
+
+    async def canceled() -> bool:
+        pids = [
+            r["pid"] for r in await primary.fetch(running) if r["pid"] != primary.get_server_pid()
+        ]
+        return bool(pids) and all(
+            [await primary.fetchval("SELECT pg_cancel_backend($1)", p) for p in pids]
+        )
+
+    await eventually(canceled, 10, "the slow statement to run and be canceled")
+    status, body = await slow
+    assert status == 409 and body["error"]["code"] == "query_canceled", body
+    assert body["error"]["retryable"] is True
+    assert set(await flood(sidecar, read(1), 10)) == {200}
