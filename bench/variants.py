@@ -22,10 +22,10 @@ from typing import Any, Protocol
 import asyncpg
 
 from client.connection import Database
-from client.protocol import Count, Insert, OrderBy, Result, Select, Update
 from client.transport import Transport
-from client.values import encode_value, row_converters
 from sidecar.dev import USER_SHARDS
+from wire.protocol import Count, Insert, OrderBy, Result, Select, Update
+from wire.values import encode_value, row_converters
 
 from .stack import POOL_SIZE
 

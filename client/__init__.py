@@ -4,6 +4,8 @@ The client never holds a database connection and depends only on aiohttp and
 msgspec, so it is cheap to import in any service.
 """
 
+from wire.values import Json
+
 from . import ids
 from .connection import ConnectionManager, Database
 from .errors import (
@@ -46,7 +48,6 @@ from .model import ActiveRecord
 from .query import Query
 from .results import Rows
 from .transactions import Transaction
-from .values import Json
 
 __all__ = [
     "ActiveRecord",

@@ -17,10 +17,11 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 
+from wire.consistency import merge_tokens
+from wire.protocol import Batch, BatchResult, BundleResult, Plan, Result, plan_writes
+
 from . import metrics
-from .consistency import merge_tokens
 from .errors import DbSidecarError, from_error_body
-from .protocol import Batch, BatchResult, BundleResult, Plan, Result, plan_writes
 from .transactions import Transaction
 from .transport import Transport, request_id
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from client.protocol import ErrorBody
+from wire.protocol import ErrorBody
 
 
 class DbSidecarError(Exception):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .protocol import Aggregate
+from wire.protocol import Aggregate
 
 
 class Expr:

@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import Any
 
+from wire.protocol import OrderBy
+from wire.values import encode_value, json_value
+
 from .errors import ValidationError
 from .expressions import Condition
-from .protocol import OrderBy
-from .values import encode_value, json_value
 
 
 class Field:

@@ -11,13 +11,14 @@ import datetime as dt
 import uuid
 from typing import Any, ClassVar, Self
 
+from wire.protocol import Delete, Insert, Raw, Route, ServedBy, Update
+from wire.values import encode_value
+
 from .connection import ConnectionManager, Handle
 from .errors import DbSidecarError, RecordNotFound
 from .fields import Field, PrimaryKeyField, TimestampField, UUIDField
-from .protocol import Delete, Insert, Raw, Route, ServedBy, Update
 from .query import Query
 from .results import Rows, decode
-from .values import encode_value
 
 
 class ActiveRecord:

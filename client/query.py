@@ -10,11 +10,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .connection import Handle
-from .errors import RecordNotFound
-from .expressions import And, Expr
-from .fields import Field
-from .protocol import (
+from wire.protocol import (
     ALL_SHARDS,
     Aggregate,
     AggregateQuery,
@@ -25,6 +21,11 @@ from .protocol import (
     Select,
     Update,
 )
+
+from .connection import Handle
+from .errors import RecordNotFound
+from .expressions import And, Expr
+from .fields import Field
 from .results import Rows, decode
 
 if TYPE_CHECKING:

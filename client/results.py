@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .protocol import Result, ServedBy
-from .values import row_converters
+from wire.protocol import Result, ServedBy
+from wire.values import row_converters
 
 
 class Rows(list[dict[str, Any]]):

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from wire.protocol import BatchResult, Plan, Result, Route, TxBegin, TxDone, TxOpened
+
 from .errors import DbSidecarError
-from .protocol import BatchResult, Plan, Result, Route, TxBegin, TxDone, TxOpened
 
 if TYPE_CHECKING:
     from .connection import Database

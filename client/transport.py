@@ -10,8 +10,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
+from wire.protocol import ErrorEnvelope
+
 from .errors import DbSidecarError, SidecarUnreachable, from_error_body
-from .protocol import ErrorEnvelope
 
 T = TypeVar("T")
 # Set by a service (e.g. from its own incoming request) to correlate logs: sent as

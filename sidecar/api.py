@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from client.protocol import (
+from wire.protocol import (
     Batch,
     Bundle,
     BundleItem,

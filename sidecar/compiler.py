@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from client.protocol import (
+from wire.protocol import (
     AggregateQuery,
     Count,
     Delete,

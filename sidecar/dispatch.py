@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from client.consistency import format_token, lsn_to_int, parse_token
-from client.protocol import (
+from wire.consistency import format_token, lsn_to_int, parse_token
+from wire.protocol import (
     ALL_SHARDS,
     AggregateQuery,
     BatchResult,
@@ -29,7 +29,7 @@ from client.protocol import (
     Select,
     plan_writes,
 )
-from client.values import wire_rows
+from wire.values import wire_rows
 
 from . import merge, metrics, sharding
 from .compiler import Compiled, Compiler, Statement

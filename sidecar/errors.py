@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from client.protocol import ErrorBody
+from wire.protocol import ErrorBody
 
 
 class SidecarError(Exception):

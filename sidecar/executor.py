@@ -14,8 +14,8 @@ from typing import Any
 
 import asyncpg
 
-from client.protocol import Result, ServedBy
-from client.values import wire_rows
+from wire.protocol import Result, ServedBy
+from wire.values import wire_rows
 
 from . import metrics
 from .compiler import Compiled, Statement
@@ -39,7 +39,7 @@ LSN_SQL = "SELECT pg_current_wal_insert_lsn()::text"
 # Seconds past statement_timeout before the sidecar gives up on a server itself.
 DEADLINE_GRACE = 1.0
 
-# PostgreSQL type name -> wire kind (see client.values.KIND_TYPES).
+# PostgreSQL type name -> wire kind (see wire.values.KIND_TYPES).
 _KINDS: dict[str, str] = {
     # A float column has a kind because NaN and ±Infinity do not travel as JSON numbers.
     "float8": "float",

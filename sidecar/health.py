@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from client.consistency import lsn_to_int
+from wire.consistency import lsn_to_int
 
 from .pools import connect_kwargs
 from .settings import HealthSettings

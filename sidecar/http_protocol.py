@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from client.protocol import ErrorEnvelope
+from wire.protocol import ErrorEnvelope
 
 from .errors import SidecarError
 from .settings import LimitsSettings

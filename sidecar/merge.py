@@ -39,7 +39,7 @@ from typing import Any
 
 import msgspec
 
-from client.protocol import Aggregate, AggregateQuery, Select
+from wire.protocol import Aggregate, AggregateQuery, Select
 
 from .errors import bad_plan
 from .executor import Outcome

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from client.protocol import (
+from wire.protocol import (
     COMPARISON_OPS,
     Batch,
     BatchResult,
@@ -51,7 +51,7 @@ _WHERE: dict[str, Any] = {
             "properties": {
                 "col": {"type": "string"},
                 "op": {"enum": sorted(COMPARISON_OPS)},
-                # A typed wire value (client.values): JSON, or {"$datetime": ...} and kin;
+                # A typed wire value (wire.values): JSON, or {"$datetime": ...} and kin;
                 # a list for in/not_in/between, a boolean for is_null.
                 "value": {},
             },

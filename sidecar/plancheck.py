@@ -18,8 +18,8 @@ import re
 import reprlib
 from typing import Any
 
-from client.protocol import COMPARISON_OPS
-from client.values import WireValueError, decode_value
+from wire.protocol import COMPARISON_OPS
+from wire.values import WireValueError, decode_value
 
 from .errors import SidecarError, bad_plan
 

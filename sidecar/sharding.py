@@ -15,7 +15,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any
 
-from client.protocol import ALL_SHARDS, Insert, Plan, Raw
+from wire.protocol import ALL_SHARDS, Insert, Plan, Raw
 
 from . import plancheck
 from .errors import SidecarError, bad_plan

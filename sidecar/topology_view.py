@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from client.consistency import int_to_lsn
+from wire.consistency import int_to_lsn
 
 from .state import SidecarState
 from .topology import Node

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from client.protocol import Plan, Result
+from wire.protocol import Plan, Result
 
 from . import sharding
 from .compiler import Compiled

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from client import ConnectionManager, PlanError, Timeout, Unavailable, UniqueViolation
-from client.protocol import Insert, Raw, Select, Update
+from wire.protocol import Insert, Raw, Select, Update
 
 from .conftest import sidecar_config
 from .harness import SidecarProcess

@@ -135,7 +135,7 @@ def test_client_imports_with_only_aiohttp_and_msgspec() -> None:
         """
         import client
         from client import ActiveRecord, ConnectionManager, PrimaryKeyField
-        import client.protocol, client.values, client.ids
+        import wire.protocol, wire.values, client.ids
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
         assert not heavy, heavy
         print("light")

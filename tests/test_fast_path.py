@@ -7,7 +7,7 @@ import aiohttp
 import pytest
 
 from client import ActiveRecord, ConnectionManager
-from client.protocol import Select
+from wire.protocol import Select
 
 from .models import Order
 
@@ -76,7 +76,7 @@ async def test_concurrent_plans_are_coalesced_into_few_requests(sidecar) -> None
     import asyncio
 
     from client import PlanError
-    from client.protocol import Raw
+    from wire.protocol import Raw
 
     db = handle(sidecar, batching=True)
     before = request_counts(sidecar)
@@ -97,7 +97,7 @@ async def test_concurrent_plans_are_coalesced_into_few_requests(sidecar) -> None
 async def test_batching_keeps_each_callers_order_and_can_be_switched_off(sidecar) -> None:
     import asyncio
 
-    from client.protocol import Insert, Select
+    from wire.protocol import Insert, Select
 
     db = handle(sidecar, batching=True)
     key = "order-check"
@@ -131,7 +131,7 @@ async def test_more_concurrent_plans_than_a_bundle_holds(sidecar) -> None:
     import asyncio
 
     from client.connection import MAX_BUNDLE
-    from client.protocol import Raw
+    from wire.protocol import Raw
 
     db = handle(sidecar, batching=True)
     count = MAX_BUNDLE * 2 + 7

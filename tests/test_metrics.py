@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 import client.metrics
 from client import ActiveRecord, ConnectionManager, PlanError
 from client.connection import Database
-from client.protocol import Raw, Route, Select, Update
 from client.transport import Transport, request_id
 from sidecar.status import quantile
+from wire.protocol import Raw, Route, Select, Update
 
 from .conftest import sidecar_config
 from .harness import SidecarProcess, eventually, free_port, http_get, wait_until

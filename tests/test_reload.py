@@ -18,9 +18,9 @@ import yaml
 
 from client import DbSidecarError
 from client.connection import Database
-from client.protocol import Insert, Raw, Route, Select
 from client.transport import Transport
 from sidecar.localdb import LocalTopology, PgServer
+from wire.protocol import Insert, Raw, Route, Select
 
 from .consul_server import ConsulTestServer
 from .harness import SidecarProcess, answers, eventually, free_port, http_get, statements

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from client import ActiveRecord, ConnectionManager, Unavailable
-from client.protocol import Delete, Insert, Raw, Route, Select, Update
+from wire.protocol import Delete, Insert, Raw, Route, Select, Update
 
 from .conftest import server_dsn, sidecar_config
 from .harness import SidecarProcess, eventually

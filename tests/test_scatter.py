@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client.connection import Database
-from client.protocol import Aggregate, AggregateQuery, Count, Insert, OrderBy, Select
 from client.results import decode
 from client.transport import Transport
 from sidecar.compiler import Compiler
 from sidecar.dev import USER_SHARDS
+from wire.protocol import Aggregate, AggregateQuery, Count, Insert, OrderBy, Select
 
 from .conftest import server_dsn, shard_server
 

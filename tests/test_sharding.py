@@ -10,9 +10,9 @@ import asyncpg
 import pytest
 
 from client import ActiveRecord, ConnectionManager, PlanError, ShardKeyRequired, TextField
-from client.protocol import Insert, Select, Update
 from sidecar.dev import USER_SHARDS
 from sidecar.sharding import stable_hash64
+from wire.protocol import Insert, Select, Update
 
 from .conftest import server_dsn, shard_server, sidecar_config
 from .harness import SidecarProcess

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from client import ConnectionManager, DbSidecarError, PlanError
-from client.protocol import Raw
+from wire.protocol import Raw
 
 from .conftest import sidecar_config
 from .harness import SidecarProcess, eventually

@@ -91,7 +91,7 @@ async def test_json_documents_of_every_shape() -> None:
 def test_values_json_cannot_spell_travel_as_postgresql_words() -> None:
     import math
 
-    from client.values import decode_value, encode_value, row_converters, wire_rows
+    from wire.values import decode_value, encode_value, row_converters, wire_rows
 
     specials = [math.nan, math.inf, -math.inf, dt.datetime.max, dt.datetime.min, dt.date.max,
                 dt.date.min]  # fmt: skip

@@ -19,9 +19,15 @@ import asyncpg
 import pytest
 
 import client.ids as ids
-from client.consistency import format_token, int_to_lsn, lsn_to_int, merge_tokens, parse_token
 from client.ids import EPOCH_MS, MAX_WORKER, SEQUENCE_BITS, IdGenerator, timestamp_ms
-from client.protocol import (
+from sidecar.compiler import Compiler
+from sidecar.errors import SidecarError, from_exception, from_postgres
+from sidecar.executor import Outcome
+from sidecar.merge import merge_aggregate, merge_select, shard_aggregate, shard_select
+from sidecar.settings import ShardingSettings
+from sidecar.sharding import ShardFunction, key_values, stable_hash64
+from wire.consistency import format_token, int_to_lsn, lsn_to_int, merge_tokens, parse_token
+from wire.protocol import (
     Aggregate,
     AggregateQuery,
     Count,
@@ -31,17 +37,11 @@ from client.protocol import (
     Select,
     Update,
 )
-from client.values import Json, WireValueError, decode_value, encode_value, row_converters
-from sidecar.compiler import Compiler
-from sidecar.errors import SidecarError, from_exception, from_postgres
-from sidecar.executor import Outcome
-from sidecar.merge import merge_aggregate, merge_select, shard_aggregate, shard_select
-from sidecar.settings import ShardingSettings
-from sidecar.sharding import ShardFunction, key_values, stable_hash64
+from wire.values import Json, WireValueError, decode_value, encode_value, row_converters
 
 UTC = dt.UTC
 
-# --- client.values ------------------------------------------------------------------------
+# --- wire.values ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -236,7 +236,7 @@ def test_row_converters() -> None:
             assert conv(None) is None
 
 
-# --- client.consistency -------------------------------------------------------------------
+# --- wire.consistency -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

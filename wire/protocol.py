@@ -2,7 +2,7 @@
 
 A plan states intent (operation, table, columns, a where-tree, routing hints),
 never SQL text, except the ``raw`` escape hatch, which must declare whether it
-writes. Values inside plans use the typed encoding of :mod:`client.values`.
+writes. Values inside plans use the typed encoding of :mod:`wire.values`.
 
 Where-trees are plain JSON objects, checked by the sidecar::
 
@@ -135,7 +135,7 @@ class ServedBy(msgspec.Struct, omit_defaults=True):
 
 class Result(msgspec.Struct, omit_defaults=True):
     columns: list[str] = []
-    # One kind per column (see client.values.KIND_TYPES); None: plain JSON.
+    # One kind per column (see wire.values.KIND_TYPES); None: plain JSON.
     types: list[str | None] = []
     rows: list[list[Any]] = []
     rowcount: int = 0
