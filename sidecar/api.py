@@ -40,7 +40,7 @@ from wire.protocol import (
     TxOpened,
 )
 
-from . import logs, metrics
+from . import dispatch, logs, metrics
 from .bodies import read_body
 from .errors import SidecarError
 from .openapi import openapi_document
@@ -147,24 +147,25 @@ async def _guarded(
 
 # Handlers
 async def query(call: Call) -> tuple[int, Any]:
-    return 200, await call.state.dispatcher.run(_decode(_plan_decoder, call.body))
+    plan = _decode(_plan_decoder, call.body)
+    return 200, await dispatch.run(call.state.runtime, plan)
 
 
 async def batch(call: Call) -> tuple[int, Any]:
     body = _decode(_batch_decoder, call.body)
-    return 200, await call.state.dispatcher.run_batch(body.plans)
+    return 200, await dispatch.run_batch(call.state.runtime, body.plans)
 
 
 async def bundle(call: Call) -> tuple[int, Any]:
-    state = call.state
+    rt = call.state.runtime  # every plan of the bundle on one snapshot
     body = _decode(_bundle_decoder, call.body)
-    limit = state.settings.limits.max_batch_plans
+    limit = rt.settings.limits.max_batch_plans
     if len(body.plans) > limit:
         raise SidecarError(400, "bad_plan", f"a bundle holds at most {limit} plans")
 
     async def one(plan: Plan) -> BundleItem:
         try:
-            return BundleItem(result=await state.dispatcher.run(plan))
+            return BundleItem(result=await dispatch.run(rt, plan))
         except SidecarError as exc:
             return BundleItem(error=exc.body(), status=exc.status)
         except Exception:
@@ -179,12 +180,14 @@ async def bundle(call: Call) -> tuple[int, Any]:
 
 async def tx_begin(call: Call) -> tuple[int, Any]:
     body = _decode(_begin_decoder, call.body)
-    return 200, TxOpened(await call.state.transactions.begin(body.database, body.route.shard))
+    state = call.state
+    tx_id = await state.transactions.begin(state.runtime, body.database, body.route.shard)
+    return 200, TxOpened(tx_id)
 
 
 async def tx_run(call: Call) -> tuple[int, Any]:
     plan = _decode(_plan_decoder, call.body)
-    return 200, await call.state.transactions.run(call.params["tx_id"], plan)
+    return 200, await call.state.transactions.run(call.state.runtime, call.params["tx_id"], plan)
 
 
 async def tx_commit(call: Call) -> tuple[int, Any]:

@@ -22,11 +22,11 @@ from starlette.applications import Starlette
 
 from . import metrics
 from .api import data_app
-from .dispatch import Dispatcher
 from .health import Prober
 from .http_protocol import MAX_CONCURRENCY, BoundedHttpToolsProtocol
 from .ops import ops_app
 from .reload import ConfigManager
+from .runtime import Runtime
 from .state import SidecarState
 from .topology import Topology
 from .transactions import Transactions
@@ -79,10 +79,9 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
     """Run the sidecar until a signal asks it to stop; returns the exit code."""
     began = time.monotonic()
     settings = config.current
-    dispatcher = Dispatcher(Topology({}, {}), settings)
     prober = Prober(settings.health)
-    transactions = Transactions(dispatcher, settings.transactions)
-    state = SidecarState(settings, dispatcher, prober, transactions, config)
+    transactions = Transactions(settings.transactions)
+    state = SidecarState(Runtime.first(settings, Topology({}, {})), prober, transactions, config)
     collector = metrics.StateCollector(lambda: state)
     metrics.registry.register(collector)
     stop = asyncio.Event()

@@ -218,9 +218,9 @@ class StateCollector(Collector):
             "ryw_primary, scatter, refused.",
             labels=["database", "decision"],
         )
-        for (database, decision), count in state.dispatcher.router.decisions.items():
+        for (database, decision), count in state.runtime.router.decisions.items():
             decisions.add_metric([database, decision], count)
-        compiler = state.dispatcher.compiler
+        compiler = state.runtime.compiler
         cache = CounterMetricFamily(
             "dbsidecar_compile_cache_lookups",
             "Plan compilations by whether the shape's SQL was cached.",

@@ -262,7 +262,7 @@ class ConfigManager:
             if getattr(settings, key) != getattr(self.current, key):
                 log.warning("%s changed; it takes effect at the next restart", key)
         _register_secrets(settings)
-        old = state.dispatcher.topology
+        old = state.topology
         topology = build(settings, self.catalog, previous=old)
         await open_pools(topology)
         await state.prober.watch(topology.nodes)
@@ -279,9 +279,7 @@ class ConfigManager:
         state = self.state
         assert state is not None
         self.current = settings
-        state.settings = settings
-        state.dispatcher.topology = topology
-        state.dispatcher.settings = settings
+        state.runtime = state.runtime.renewed(settings, topology)
         state.prober.settings = settings.health
         state.transactions.settings = settings.transactions
 

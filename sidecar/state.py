@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .dispatch import Dispatcher
 from .health import Prober
 from .reload import ConfigManager
+from .runtime import Runtime
 from .settings import Settings
 from .topology import Topology
 from .transactions import Transactions
@@ -17,8 +17,8 @@ from .transactions import Transactions
 
 @dataclass(eq=False)
 class SidecarState:
-    settings: Settings
-    dispatcher: Dispatcher
+    # Replaced as a whole by a reload; a request reads it once, when it starts.
+    runtime: Runtime
     prober: Prober
     transactions: Transactions
     config: ConfigManager
@@ -33,9 +33,14 @@ class SidecarState:
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
+    def settings(self) -> Settings:
+        """The settings in force (a reload swaps them with the runtime)."""
+        return self.runtime.settings
+
+    @property
     def topology(self) -> Topology:
-        """The routing table in force (a reload swaps it)."""
-        return self.dispatcher.topology
+        """The routing table in force (a reload swaps it with the runtime)."""
+        return self.runtime.topology
 
     def request_started(self) -> None:
         self.inflight += 1

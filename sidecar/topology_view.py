@@ -43,7 +43,7 @@ def topology_document(state: SidecarState) -> dict[str, Any]:
             "read_default": db.settings.read_default,
             "nodes": [_node(n, s.name) for s in db.shards for n in s.nodes],
         }
-    compiler = state.dispatcher.compiler
+    compiler = state.runtime.compiler
     return {
         "started": state.started,
         "draining": state.draining,
@@ -52,7 +52,7 @@ def topology_document(state: SidecarState) -> dict[str, Any]:
         "compile_cache": {"hits": compiler.hits, "misses": compiler.misses},
         "config": state.config.document(),
         "routing": {
-            f"{db}/{kind}": n for (db, kind), n in sorted(state.dispatcher.router.decisions.items())
+            f"{db}/{kind}": n for (db, kind), n in sorted(state.runtime.router.decisions.items())
         },
         "databases": databases,
     }

@@ -36,9 +36,8 @@ import asyncpg
 
 from wire.protocol import Plan, Result
 
-from . import sharding
+from . import runner, sharding
 from .compiler import Compiled
-from .dispatch import Dispatcher
 from .errors import SidecarError, bad_plan, connection_lost, from_exception, is_closed
 from .executor import (
     LSN_SQL,
@@ -50,6 +49,8 @@ from .executor import (
     run_statement,
     to_result,
 )
+from .route import database as route_database
+from .runtime import Runtime
 from .settings import PoolSettings, TransactionSettings
 from .topology import Database, Node, Shard
 
@@ -107,8 +108,7 @@ def pool_share(pool: PoolSettings, share: float) -> int:
 
 
 class Transactions:
-    def __init__(self, dispatcher: Dispatcher, settings: TransactionSettings) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, settings: TransactionSettings) -> None:
         self.settings = settings
         self.open: dict[str, OpenTransaction] = {}
         self.accepting = True
@@ -119,14 +119,14 @@ class Transactions:
     def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap(), name="transaction reaper")
 
-    async def begin(self, database: str, shard: str | int | None) -> str:
+    async def begin(self, rt: Runtime, database: str, shard: str | int | None) -> str:
         if not self.accepting:
             raise SidecarError(503, "draining", "the sidecar is shutting down", retryable=True)
         if len(self.open) >= self.settings.max_open:
             raise SidecarError(
                 503, "too_many_transactions", "too many open transactions", retryable=True
             )
-        db, pinned = self.dispatcher.database(database)
+        db, pinned = route_database(rt.topology, database)
         if not db.sharded:
             target: Shard | None = db.shards[0]
         elif shard is not None:
@@ -135,12 +135,12 @@ class Transactions:
             target = db.shards[pinned] if pinned is not None else None
         tx = OpenTransaction(secrets.token_hex(16), db, target)
         if target is not None:
-            await self._connect(tx, target)
+            await self._connect(rt, tx, target)
         self.open[tx.id] = tx
         return tx.id
 
-    async def _connect(self, tx: OpenTransaction, shard: Shard) -> None:
-        node = self.dispatcher.router.writer(tx.db, shard)
+    async def _connect(self, rt: Runtime, tx: OpenTransaction, shard: Shard) -> None:
+        node = rt.router.writer(tx.db, shard)
         pool = tx.db.settings.pool
         limit = pool_share(pool, self.settings.max_pool_share)
         if self._held.get(id(node), 0) >= limit:
@@ -151,7 +151,7 @@ class Transactions:
                 "(transactions.max_pool_share); commit or roll back one, or retry",
                 retryable=True,
             )
-        self.dispatcher.router.count(tx.db, "primary")
+        rt.router.count(tx.db, "primary")
         conn = await acquire(node, pool.acquire_timeout)
         self._held[id(node)] = self._held.get(id(node), 0) + 1
         conn.mark_dirty()  # whatever runs inside may leave session state
@@ -182,26 +182,21 @@ class Transactions:
         if tx.state in _FINISHED:
             raise _unknown()
 
-    async def run(self, tx_id: str, plan: Plan) -> Result:
+    async def run(self, rt: Runtime, tx_id: str, plan: Plan) -> Result:
         tx = self._get(tx_id)
         async with tx.lock:
             self._usable(tx)
             tx.last_used = time.monotonic()
-            db, pinned = self.dispatcher.database(plan.database)
-            if db is not tx.db:
+            r = runner.routed(rt, plan, transaction=True, bound=tx.shard)
+            if r.db is not tx.db:
                 raise bad_plan("a transaction stays on the database it was opened on")
-            shard = self._shard_of(tx, plan, pinned)
-            if tx.state is TxState.STARTED and shard is not tx.shard:
-                raise bad_plan(
-                    f"this transaction is bound to shard {tx.shard.name if tx.shard else None!r}",
-                    "cross_shard_transaction",
-                )
-            compiled = self.dispatcher.compiler.compile(plan)
+            shard = r.targets[0].shard
+            compiled = rt.compiler.compile(plan)
             if tx.state is TxState.NEW:
-                await self._connect(tx, shard)
+                await self._connect(rt, tx, shard)
             assert tx.node is not None
-            outcome = await self.dispatcher.observed(
-                db, shard, tx.node, "primary", plan, self._statement(tx, compiled)
+            outcome = await runner.observed(
+                rt, r.db, shard, tx.node, "primary", plan, self._statement(tx, compiled)
             )
             tx.last_used = time.monotonic()
             return to_result(outcome)
@@ -233,25 +228,6 @@ class Transactions:
             raise error from exc
         shard_name = tx.shard.name if tx.shard else None
         return make_outcome(parts, node, "primary", shard_name)
-
-    def _shard_of(self, tx: OpenTransaction, plan: Plan, pinned: int | None) -> Shard:
-        db = tx.db
-        if not db.sharded:
-            return db.shards[0]
-        if pinned is not None and plan.route.shard is None:
-            return db.shards[pinned]
-        assert db.shard_fn is not None
-        indexes = sharding.target_shards(plan, db.shard_fn, db.shard_names)
-        if indexes is None and plan.route.shard is None and tx.shard is not None:
-            # A plan without the key, inside a transaction bound to a shard, stays there.
-            return tx.shard
-        if indexes is None or len(indexes) != 1:
-            raise bad_plan(
-                "a transaction on a sharded database stays on one shard: pin it when "
-                "opening, or pin one shard in the first plan",
-                "cross_shard_transaction",
-            )
-        return db.shards[indexes[0]]
 
     async def commit(self, tx_id: str) -> str | None:
         tx = self._get(tx_id)

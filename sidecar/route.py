@@ -1,0 +1,237 @@
+"""Where a plan runs, decided once: :func:`route` turns a plan into a :class:`Route`.
+
+A route says which database, which shards (one, some or all) with the plan each one
+runs and the read-your-writes position it must observe, the intent (a write, a read
+kept on the primary, or a replica-eligible read) and how the shards' results merge.
+Every refusal of routing (``shard_key_required``, ``not_sharded``, ``unknown_shard``,
+``cross_shard_transaction``, ...) is decided here and nowhere else. The function is
+pure: it reads the topology's configuration, never node health (which node of a shard
+serves is the router's choice, at run time).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from wire.consistency import parse_token
+from wire.protocol import ALL_SHARDS, AggregateQuery, Count, Insert, Plan, Select, plan_writes
+
+from . import sharding
+from .errors import SidecarError, bad_plan
+from .topology import Database, Shard, Topology
+
+
+class Intent(enum.Enum):
+    WRITE = "write"  # on the shard's primary, never retried
+    READ_PRIMARY = "read_primary"  # a read the caller or the policy keeps on the primary
+    READ_REPLICA = "read_replica"  # a replica may serve it (healthy, within lag, caught up)
+
+
+class Scope(enum.Enum):
+    ONE = "one"
+    SOME = "some"
+    ALL = "all"
+
+
+class Merge(enum.Enum):
+    NONE = "none"  # one shard: its result as it is
+    CONCAT = "concat"  # a write on several shards: rows and counts added up
+    SELECT = "select"  # a read on several shards: ordered, windowed (merge.merge_select)
+    COUNT = "count"
+    AGGREGATE = "aggregate"
+    ROWS = "rows"  # a raw read on several shards: their rows in shard order
+    INSERT = "insert"  # rows split by shard; RETURNING rows back in the caller's order
+
+
+# Refusals counted as routing decisions (the "refused" decision in metrics).
+REFUSALS = frozenset({"shard_key_required", "cross_shard_batch", "cross_shard_transaction"})
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    shard: Shard
+    # What runs there: the plan itself, or an insert's own rows.
+    plan: Plan
+    # A WAL position a read must observe on this shard (read-your-writes), if any.
+    after: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    plan: Plan  # as the caller gave it
+    db: Database
+    intent: Intent
+    scope: Scope
+    targets: tuple[Target, ...]
+    merge: Merge
+
+    @property
+    def writes(self) -> bool:
+        return self.intent is Intent.WRITE
+
+
+def database(topology: Topology, name: str) -> tuple[Database, int | None]:
+    """The database a plan names, and the shard its name pins (a shard's own name)."""
+    found = topology.lookup(name)
+    if found is None:
+        raise SidecarError(
+            404,
+            "unknown_database",
+            f"no database {name!r} is configured; known: {sorted(topology.databases)}",
+        )
+    return found
+
+
+def route(
+    plan: Plan, topology: Topology, *, transaction: bool = False, bound: Shard | None = None
+) -> Route:
+    """Where ``plan`` runs. In an interactive transaction (``transaction``) a plan runs on
+    one shard, as a write on its primary: ``bound`` is the shard the transaction holds
+    (None until its first plan pins one), and a plan without the key stays there."""
+    db, pinned = database(topology, plan.database)
+    indexes = _shard_indexes(db, plan, pinned)
+    if transaction:
+        indexes = _transaction_shard(db, plan, indexes, bound)
+    writes = plan_writes(plan)
+    if indexes is None and writes and plan.route.shard != ALL_SHARDS:
+        assert db.shard_fn is not None
+        raise bad_plan(
+            f"a write on sharded {db.name!r} needs the shard key {db.shard_fn.key!r} in its "
+            "where clause, or route.shard '*' (all_shards()) to mean every shard",
+            "shard_key_required",
+        )
+    every = list(range(len(db.shards)))
+    # A key pinned to no value at all (`id in []`): one shard answers "nothing".
+    chosen = every if indexes is None else (indexes or [0])
+    if len(chosen) == len(every) and (indexes is None or len(every) > 1):
+        scope = Scope.ALL
+    else:
+        scope = Scope.ONE if len(chosen) == 1 else Scope.SOME
+    if writes or transaction:
+        intent = Intent.WRITE
+    elif (plan.route.role or db.settings.read_default) == "replica":
+        intent = Intent.READ_REPLICA
+    else:
+        intent = Intent.READ_PRIMARY
+    if isinstance(plan, Insert) and db.sharded:
+        targets = _insert_targets(db, plan, chosen)
+        merge = Merge.NONE if len(targets) == 1 else Merge.INSERT
+    else:
+        positions = _positions(db, plan.route.after)
+        targets = tuple(
+            Target(db.shards[i], plan, positions.get(_token_key(db, db.shards[i]))) for i in chosen
+        )
+        merge = _merge(plan, writes, len(targets))
+    return Route(plan, db, intent, scope, targets, merge)
+
+
+def _transaction_shard(
+    db: Database, plan: Plan, indexes: list[int] | None, bound: Shard | None
+) -> list[int]:
+    if indexes is None and plan.route.shard is None and bound is not None:
+        return [bound.index]  # a plan without the key stays on the transaction's shard
+    if indexes is None or len(indexes) != 1:
+        raise bad_plan(
+            "a transaction on a sharded database stays on one shard: pin it when "
+            "opening, or pin one shard in the first plan",
+            "cross_shard_transaction",
+        )
+    if bound is not None and indexes[0] != bound.index:
+        raise bad_plan(
+            f"this transaction is bound to shard {bound.name!r}", "cross_shard_transaction"
+        )
+    return indexes
+
+
+def batch_shard(routes: Sequence[Route]) -> Shard:
+    """The one shard a batch (one transaction) runs on."""
+    dbs = {id(r.db) for r in routes}
+    if len(dbs) != 1:
+        raise bad_plan("a batch runs on one database: every plan must name the same one")
+    if not routes[0].db.sharded:
+        return routes[0].db.shards[0]
+    if any(r.scope is Scope.ALL for r in routes):
+        raise bad_plan(
+            "every plan in a batch on a sharded database must pin one shard", "cross_shard_batch"
+        )
+    chosen = {t.shard.index for r in routes for t in r.targets}
+    if len(chosen) != 1:
+        raise bad_plan(
+            f"a batch is one transaction on one shard; these plans touch shards {sorted(chosen)}",
+            "cross_shard_batch",
+        )
+    return routes[0].targets[0].shard
+
+
+def _shard_indexes(db: Database, plan: Plan, pinned: int | None) -> list[int] | None:
+    """The shard indexes a plan targets; None: every shard, for want of a key."""
+    if not db.sharded:
+        if plan.route.shard not in (None, ALL_SHARDS, 0):
+            raise bad_plan(f"database {db.name!r} is not sharded", "not_sharded")
+        return [0]
+    if pinned is not None and plan.route.shard is None:
+        if isinstance(plan, Insert):
+            _check_rows_belong(db, plan, pinned)
+        return [pinned]
+    assert db.shard_fn is not None
+    return sharding.target_shards(plan, db.shard_fn, db.shard_names)
+
+
+def _check_rows_belong(db: Database, plan: Insert, index: int) -> None:
+    assert db.shard_fn is not None
+    if set(sharding.split_rows(plan, db.shard_fn)) - {index}:
+        raise bad_plan(
+            f"rows whose {db.shard_fn.key!r} belongs to other shards cannot be inserted "
+            f"into {db.shards[index].name!r}",
+            "wrong_shard",
+        )
+
+
+def _insert_targets(db: Database, plan: Insert, chosen: list[int]) -> tuple[Target, ...]:
+    assert db.shard_fn is not None
+    if not plan.rows:
+        raise bad_plan("an insert needs at least one row")
+    groups = sharding.split_rows(plan, db.shard_fn)
+    if set(groups) - set(chosen):
+        index = chosen[0]
+        raise bad_plan(
+            f"rows whose {db.shard_fn.key!r} belongs to other shards cannot be inserted "
+            f"into {db.shards[index].name!r}",
+            "wrong_shard",
+        )
+    if len(groups) == 1:
+        return (Target(db.shards[next(iter(groups))], plan),)
+    return tuple(
+        Target(db.shards[i], msgspec.structs.replace(plan, rows=rows)) for i, rows in groups.items()
+    )
+
+
+def _merge(plan: Plan, writes: bool, shards: int) -> Merge:
+    if shards == 1:
+        return Merge.NONE
+    if writes:
+        return Merge.CONCAT
+    if isinstance(plan, Select):
+        return Merge.SELECT
+    if isinstance(plan, Count):
+        return Merge.COUNT
+    if isinstance(plan, AggregateQuery):
+        return Merge.AGGREGATE
+    return Merge.ROWS
+
+
+def _token_key(db: Database, shard: Shard) -> str:
+    return (shard.name or "") if db.sharded else ""
+
+
+def _positions(db: Database, token: str | None) -> dict[str, int]:
+    if not token:
+        return {}
+    try:
+        return parse_token(token)
+    except ValueError:
+        raise bad_plan(f"route.after is not a consistency token: {token!r}", "bad_token") from None
