@@ -87,7 +87,7 @@ def _variants(stack: Stack) -> tuple[list[Variant], dict[str, str]]:
     variants: list[Variant] = [
         DirectVariant("asyncpg", stack.dsn),
         DirectVariant("asyncpg-default-reset", stack.dsn, default_reset=True),
-        SidecarVariant("sidecar-tcp", stack.sidecar.tcp_url),
+        SidecarVariant("sidecar-tcp", stack.sidecar.url),
         SidecarVariant("sidecar-uds", stack.sidecar.uds_url),
     ]
     missing: dict[str, str] = {}
@@ -123,7 +123,7 @@ def _sidecar_counters(stack: Stack) -> dict[str, Any]:
 
     assert stack.sidecar is not None
     try:
-        with urllib.request.urlopen(stack.sidecar.tcp_url + "/v1/topology", timeout=5) as resp:
+        with urllib.request.urlopen(stack.sidecar.url + "/v1/topology", timeout=5) as resp:
             doc = json.loads(resp.read())
     except OSError as exc:
         return {"error": str(exc)}

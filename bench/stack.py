@@ -15,50 +15,25 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import asyncpg
-import yaml
 
-from sidecar.dev import USER_SHARDS, dev_config
-from sidecar.localdb import LocalTopology
+from devstack.ports import HOST, free_port
+from devstack.postgres import LocalTopology
+from devstack.sidecar_process import SidecarProcess
+from devstack.topology import USER_SHARDS, sidecar_config
+from devstack.waiting import wait_until
 
-REPO = Path(__file__).resolve().parent.parent
 ORDERS_ROWS = 10_000
 USERS_ROWS = 10_000  # 2,500 per shard
 POOL_SIZE = 10
-HOST = "127.0.0.1"
 
 Log = Callable[[str], None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def _http_status(url: str, timeout: float) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _stop_child(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
@@ -112,77 +87,13 @@ async def load_data(topo: LocalTopology) -> None:
     await asyncio.gather(*(shard(i, name) for i, name in enumerate(USER_SHARDS)))
 
 
-class Sidecar:
-    """`python -m sidecar.cli run` with the dev configuration, TCP + a Unix socket."""
-
-    def __init__(self, topo: LocalTopology, workdir: Path) -> None:
-        self.port, self.ops_port = free_port(), free_port()
-        self.uds = str(workdir / "sidecar.sock")
-        config: dict[str, Any] = dev_config(
-            topo, port=self.port, ops_port=self.ops_port, uds=self.uds
-        )
-        for db in config["databases"].values():
-            db["pool"] = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
-        self.config_path = workdir / "sidecar.yaml"
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.config_path.chmod(0o600)
-        self.log_path = workdir / "sidecar.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def tcp_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def uds_url(self) -> str:
-        return f"unix://{self.uds}"
-
-    @property
-    def ops_url(self) -> str:
-        return f"http://{HOST}:{self.ops_port}"
-
-    def start(self, timeout: float = 60.0) -> None:
-        self._log = self.log_path.open("ab")
-        argv = [sys.executable, "-m", "sidecar.cli", "run", "--config", str(self.config_path)]
-        self.proc = subprocess.Popen(
-            [*argv, "--log-level", "warning"],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            process_group=0,
-        )
-
-        def started() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                return _http_status(self.ops_url + "/startupz", 0.5) == 200
-            except OSError:
-                return False
-
-        _wait(started, timeout, "the sidecar to start")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> int | None:
-        code = None
-        if self.proc is not None:
-            # SIGTERM drains in-flight requests and closes the pools, then exits 0.
-            code = _stop_child(self.proc, signal.SIGTERM, 30.0)
-            self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
+def bench_sidecar(topo: LocalTopology, workdir: Path) -> SidecarProcess:
+    """A sidecar (not started yet) on the dev configuration with the benchmark's pool sizes,
+    serving TCP and a Unix socket."""
+    config = sidecar_config(topo, workdir)
+    for db in config["databases"].values():
+        db["pool"] = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
+    return SidecarProcess(config, workdir, log_level="warning")
 
 
 class PgBouncer:
@@ -260,7 +171,7 @@ class PgBouncer:
                 return False
             return True
 
-        _wait(listening, timeout, "pgbouncer to listen")
+        wait_until(listening, timeout, "pgbouncer to listen", interval=0.05)
 
     def dsn(self, db: str, user: str, password: str) -> str:
         return f"postgresql://{user}:{password}@{HOST}:{self.port}/{db}"
@@ -282,7 +193,7 @@ class Stack:
         self.log = log
         self.workdir = Path(tempfile.mkdtemp(prefix="dbsidecar-bench-"))
         self.topo: LocalTopology | None = None
-        self.sidecar: Sidecar | None = None
+        self.sidecar: SidecarProcess | None = None
         self.pgbouncer: PgBouncer | None = None
         self.pgbouncer_binary = shutil.which("pgbouncer")
 
@@ -293,9 +204,9 @@ class Stack:
         self.topo.start()
         asyncio.run(load_data(self.topo))
         self.log(f"bench: data loaded ({time.monotonic() - began:.1f} s)")
-        self.sidecar = Sidecar(self.topo, self.workdir)
-        self.sidecar.start()
-        self.log(f"bench: sidecar ready on {self.sidecar.tcp_url} and {self.sidecar.uds_url}")
+        self.sidecar = bench_sidecar(self.topo, self.workdir)
+        self.sidecar.start(timeout=60.0)
+        self.log(f"bench: sidecar ready on {self.sidecar.url} and {self.sidecar.uds_url}")
         if self.pgbouncer_binary:
             self.pgbouncer = PgBouncer(self.pgbouncer_binary, self.topo, self.workdir)
             self.pgbouncer.start()
@@ -311,8 +222,8 @@ class Stack:
         finally:
             try:
                 if self.sidecar is not None:
-                    code = self.sidecar.stop()
-                    if code not in (0, None):
+                    code = self.sidecar.terminate()
+                    if code != 0:
                         self.log(f"bench: sidecar exited with {code}; log: {self.sidecar.log()}")
             finally:
                 try:

@@ -23,7 +23,7 @@ import asyncpg
 
 from client.connection import Database
 from client.transport import Transport
-from sidecar.dev import USER_SHARDS
+from devstack.topology import USER_SHARDS
 from wire.protocol import Count, Insert, OrderBy, Result, Select, Update
 from wire.values import encode_value, row_converters
 

@@ -61,9 +61,11 @@ def _announce(line: str) -> None:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
+    # Dev tooling, imported here only: the production commands never load it.
+    from devstack.postgres import LocalDbError, LocalTopology
+    from devstack.topology import dev_config
+
     from .app import serve
-    from .dev import dev_config
-    from .localdb import LocalDbError, LocalTopology
     from .reload import ConfigManager
 
     _logging(args.log_level, "text")

@@ -1,6 +1,6 @@
 """One PostgreSQL topology and one sidecar for the whole session.
 
-The topology is the one `dbsidecar dev` starts (same code), plus a second
+The topology is the one `dbsidecar dev` starts (same code, `devstack`), plus a second
 primary so the `users` shards span two servers: a primary with a streaming
 replica (orders, inventory, payments, user_shard_0/2) and primary2 (user_shard_1/3).
 """
@@ -15,11 +15,11 @@ import asyncpg
 import pytest
 
 from client import ConnectionManager
-from sidecar.dev import USER_SHARDS, dev_config
-from sidecar.localdb import LocalTopology, PgServer
+from devstack.postgres import LocalTopology, PgServer
+from devstack.topology import USER_SHARDS, shard_server, sidecar_config
 
 from . import schema
-from .harness import SECRETS, SIDECAR_LOGS, SidecarProcess, free_port
+from .harness import SECRETS, SIDECAR_LOGS, SidecarProcess
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,11 +47,6 @@ def topology() -> Iterator[LocalTopology]:
 
 def server_dsn(topo: LocalTopology, server: PgServer, database: str) -> str:
     return server.dsn(database, topo.user, topo.password)
-
-
-def shard_server(topo: LocalTopology, index: int) -> PgServer:
-    primaries = [topo.primary, *topo.extra]
-    return primaries[index % len(primaries)]
 
 
 async def _create_schema(topo: LocalTopology) -> None:
@@ -82,13 +77,6 @@ def pair() -> Iterator[LocalTopology]:
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sidecar")
-
-
-def sidecar_config(topo: LocalTopology, workdir: Path, name: str = "sidecar") -> dict:
-    config = dev_config(
-        topo, port=free_port(), ops_port=free_port(), uds=str(workdir / f"{name}.sock")
-    )
-    return config
 
 
 @pytest.fixture(scope="session")

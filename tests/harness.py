@@ -1,44 +1,21 @@
-"""Test helpers: sidecar processes, ports and waiting on conditions (never fixed sleeps)."""
+"""Test helpers: sidecar processes whose logs are scanned for secrets, ports, waiting on
+conditions (never fixed sleeps) and reading a sidecar's metrics."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
+import devstack.sidecar_process
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout} s waiting for {what}")
-        time.sleep(0.02)
+# Re-exported (the `as` says so): test modules take every helper from this one place.
+from devstack.http import http_get as http_get
+from devstack.ports import free_port as free_port
+from devstack.waiting import wait_until as wait_until
 
 
 async def eventually(
@@ -67,64 +44,13 @@ def _config_secrets(config: dict[str, Any]) -> set[str]:
     return {s for s in found if len(s) >= 4}
 
 
-class SidecarProcess:
-    """`dbsidecar run` in a child process with a given configuration document."""
+class SidecarProcess(devstack.sidecar_process.SidecarProcess):
+    """A sidecar child whose configured secrets and log join the session's leak scan."""
 
     def __init__(self, config: dict[str, Any], workdir: Path, name: str = "sidecar") -> None:
         SECRETS.update(_config_secrets(config))
-        self.workdir = workdir
-        self.config = config
-        self.port = config["listen"].get("port")
-        self.ops_port = config["ops"]["port"]
-        self.uds = config["listen"].get("uds")
-        self.config_path = workdir / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = workdir / f"{name}.log"
+        super().__init__(config, workdir, name)
         SIDECAR_LOGS.append(self.log_path)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ops(self) -> str:
-        return f"http://127.0.0.1:{self.ops_port}"
-
-    def start(self, timeout: float = 30.0) -> None:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar.cli", "run", "--config", str(self.config_path)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-        def started() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                return http_get(self.ops + "/startupz", 0.5)[0] == 200
-            except OSError:
-                return False
-
-        wait_until(started, timeout, "the sidecar to start")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self._log.close()
-        return code
 
 
 def samples(ops: str, name: str) -> list[tuple[dict[str, str], float]]:

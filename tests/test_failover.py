@@ -21,7 +21,7 @@ import pytest
 from client import DbSidecarError, Unavailable
 from client.connection import Database
 from client.transport import Transport
-from sidecar.localdb import LocalTopology, PgServer
+from devstack.postgres import LocalTopology, PgServer
 from wire.protocol import Insert, Raw, Route
 
 from .harness import SidecarProcess, answers, eventually, free_port, http_get, statements

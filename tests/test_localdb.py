@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.localdb import LocalDbError, LocalTopology, PgServer, find_pg_bin
+from devstack.postgres import LocalDbError, LocalTopology, PgServer, find_pg_bin
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import yaml
 from client import DbSidecarError
 from client.connection import Database
 from client.transport import Transport
-from sidecar.localdb import LocalTopology, PgServer
+from devstack.postgres import LocalTopology, PgServer
 from wire.protocol import Insert, Raw, Route, Select
 
 from .consul_server import ConsulTestServer

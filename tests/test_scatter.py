@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from client.connection import Database
 from client.results import decode
 from client.transport import Transport
+from devstack.topology import USER_SHARDS
 from sidecar.compiler import Compiler
-from sidecar.dev import USER_SHARDS
 from wire.protocol import Aggregate, AggregateQuery, Count, Insert, OrderBy, Select
 
 from .conftest import server_dsn, shard_server

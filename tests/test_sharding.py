@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from client import ActiveRecord, ConnectionManager, PlanError, ShardKeyRequired, TextField
-from sidecar.dev import USER_SHARDS
+from devstack.topology import USER_SHARDS
 from sidecar.sharding import stable_hash64
 from wire.protocol import Insert, Select, Update
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from sidecar.dev import USER_SHARDS
+from devstack.topology import USER_SHARDS
 
 from ..conftest import server_dsn, shard_server, sidecar_config
 from ..harness import SidecarProcess

@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from sidecar.localdb import LocalTopology, PgServer
+from devstack.postgres import LocalTopology, PgServer
 
 from ..harness import SidecarProcess, eventually
 from ..test_failover import fault_config

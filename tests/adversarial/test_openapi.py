@@ -33,8 +33,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from sidecar.dev import USER_SHARDS
-from sidecar.localdb import LocalTopology
+from devstack.postgres import LocalTopology
+from devstack.topology import USER_SHARDS
 
 from ..conftest import server_dsn, shard_server
 from ..harness import SidecarProcess, http_get, wait_until

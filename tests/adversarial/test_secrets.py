@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.localdb import LocalTopology
+from devstack.postgres import LocalTopology
 
 from ..harness import SidecarProcess, eventually, free_port, http_get
 from .attack import post

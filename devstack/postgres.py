@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
+from .ports import HOST, free_ports
+from .waiting import wait_until
+
 DEV_DATABASES: tuple[str, ...] = (
     "orders",
     "inventory",
@@ -38,7 +41,6 @@ DEV_DATABASES: tuple[str, ...] = (
     "user_shard_3",
 )
 
-HOST = "127.0.0.1"
 # psql is not needed by the server, but every cluster is set up through it.
 _REQUIRED_BINARIES = ("postgres", "initdb", "pg_basebackup", "psql")
 _STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
@@ -52,17 +54,6 @@ _MIN_SHM_FREE = 1 << 30
 
 class LocalDbError(RuntimeError):
     """A local server could not be found, started or set up; the message says what to do."""
-
-
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = ""
-) -> None:
-    """Poll ``predicate`` until it is true; raise TimeoutError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {what or 'condition'}")
-        time.sleep(interval)
 
 
 def _has_binaries(bin_dir: Path) -> bool:
@@ -327,9 +318,7 @@ class PgServer:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        wait_for(
-            lambda: not any(_alive(pid) for pid in children), 10.0, what=f"{self.name} backends"
-        )
+        wait_until(lambda: not any(_alive(pid) for pid in children), 10.0, f"{self.name} backends")
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -374,7 +363,7 @@ class PgServer:
             return True
 
         try:
-            wait_for(ready, timeout, what=f"postgres {self.name}")
+            wait_until(ready, timeout, f"postgres {self.name}", interval=0.05)
         except TimeoutError:
             self.kill()
             raise LocalDbError(
@@ -501,7 +490,7 @@ class LocalTopology:
         return f"{time.monotonic() - self._began:.1f} s"
 
     def _start(self) -> None:
-        for server, port in zip(self.servers, _free_ports(len(self.servers)), strict=True):
+        for server, port in zip(self.servers, free_ports(len(self.servers)), strict=True):
             server.port = port
         self._prepare_dirs()
         self._initdb(self.primaries)
@@ -659,19 +648,10 @@ class LocalTopology:
             return _run(check, cwd=self.base_dir).strip() == "t"
 
         try:
-            wait_for(streaming, 30.0, what="the replica to stream")
+            wait_until(streaming, 30.0, "the replica to stream", interval=0.05)
         except TimeoutError:
             raise LocalDbError(
                 f"replica did not start streaming from the primary within 30 s; "
                 f"{replica.log_file}:\n{replica.log_tail()}"
             ) from None
         self._log(f"postgres: replica ready on {HOST}:{replica.port} ({self._elapsed()})")
-
-
-def _free_ports(count: int) -> list[int]:
-    """Loopback ports free right now; all are held until chosen so none repeats."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]

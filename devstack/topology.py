@@ -1,25 +1,32 @@
-"""`dbsidecar dev`: a local primary + streaming replica, and a sidecar configured for them.
+"""Where the dev topology keeps each logical database, and the sidecar configuration for it.
 
-The same configuration serves the test session and the benchmark. With extra
-primaries (the tests start one), the ``users`` shards alternate between
-servers, so scatter-gather crosses real server boundaries.
+`dbsidecar dev`, the test session and the benchmark all use this one layout. With extra
+primaries (the tests start one), the ``users`` shards alternate between servers, so
+scatter-gather crosses real server boundaries.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from .localdb import LocalTopology, PgServer
+from .ports import HOST, free_port
+from .postgres import LocalTopology, PgServer
 
 USER_SHARDS = [f"user_shard_{i}" for i in range(4)]
 # Logical databases with a primary and (in dev) the replica's copy.
 PLAIN_DATABASES = ("orders", "inventory", "payments")
 
 
+def shard_server(topo: LocalTopology, index: int) -> PgServer:
+    """The primary holding shard ``index`` of ``users``: the shards go round the primaries."""
+    return topo.primaries[index % len(topo.primaries)]
+
+
 def _node(server: PgServer, database: str, topo: LocalTopology) -> dict[str, Any]:
     return {
         "name": f"{server.name}/{database}",
-        "host": "127.0.0.1",
+        "host": HOST,
         "port": server.port,
         "database": database,
         "user": topo.user,
@@ -33,7 +40,6 @@ def dev_config(
     """The sidecar configuration document for a started local topology."""
     primary, replica = topo.primary, topo.replica
     replicas = [replica] if replica is not None else []
-    primaries = [primary, *topo.extra]
     databases: dict[str, Any] = {}
     for name in PLAIN_DATABASES:
         databases[name] = {
@@ -46,7 +52,7 @@ def dev_config(
         }
     shards = []
     for i, name in enumerate(USER_SHARDS):
-        server = primaries[i % len(primaries)]
+        server = shard_server(topo, i)
         shards.append(
             {
                 "name": name,
@@ -57,7 +63,14 @@ def dev_config(
         )
     databases["users"] = {"sharding": {"key": "id", "function": "modulo"}, "shards": shards}
     return {
-        "listen": {"host": "127.0.0.1", "port": port, "uds": uds},
-        "ops": {"host": "127.0.0.1", "port": ops_port},
+        "listen": {"host": HOST, "port": port, "uds": uds},
+        "ops": {"host": HOST, "port": ops_port},
         "databases": databases,
     }
+
+
+def sidecar_config(topo: LocalTopology, workdir: Path, name: str = "sidecar") -> dict[str, Any]:
+    """:func:`dev_config` on free ports, with a Unix socket ``<name>.sock`` in ``workdir``."""
+    return dev_config(
+        topo, port=free_port(), ops_port=free_port(), uds=str(workdir / f"{name}.sock")
+    )
