@@ -7,7 +7,7 @@ msgspec, so it is cheap to import in any service.
 from wire.values import Json
 
 from . import ids
-from .connection import ConnectionManager, Database
+from .connection import ConnectionManager, DatabaseHandle
 from .errors import (
     DatabaseError,
     DbSidecarError,
@@ -56,8 +56,8 @@ __all__ = [
     "BytesField",
     "ConnectionManager",
     "Count",
-    "Database",
     "DatabaseError",
+    "DatabaseHandle",
     "DateField",
     "DbSidecarError",
     "DecimalField",

@@ -32,7 +32,7 @@ _batch_result = msgspec.json.Decoder(BatchResult)
 _bundle_result = msgspec.json.Decoder(BundleResult)
 
 
-class Database:
+class DatabaseHandle:
     """A handle: one logical database behind one sidecar."""
 
     def __init__(
@@ -60,10 +60,10 @@ class Database:
         self._flushes: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
-        return f"<Database {self.name!r} {self.database!r} via {self.transport.url}>"
+        return f"<DatabaseHandle {self.name!r} {self.database!r} via {self.transport.url}>"
 
     @property
-    def home(self) -> Database:
+    def home(self) -> DatabaseHandle:
         """Where records read through this handle are written back."""
         return self
 
@@ -80,7 +80,9 @@ class Database:
         """Run one plan. Reads are retried on retryable errors; writes never are."""
         writes = plan_writes(plan)
         if not writes and self.token and plan.route.after is None:
-            plan.route.after = self.token
+            # A copy: the caller may keep, reuse or resend its plan through another handle.
+            route = msgspec.structs.replace(plan.route, after=self.token)
+            plan = msgspec.structs.replace(plan, route=route)
         body = msgspec.json.encode(plan)
         op = str(plan.__struct_config__.tag)
         attempt = 0
@@ -154,16 +156,16 @@ class Database:
 
 
 # What using() accepts once resolved: a handle, or a transaction opened on one.
-Handle = Database | Transaction
+Handle = DatabaseHandle | Transaction
 
 
 class ConnectionManager:
     """The process-wide registry of handles."""
 
     _config: ClassVar[dict[str, dict[str, Any]]] = {}
-    _handles: ClassVar[dict[str, Database]] = {}
+    _handles: ClassVar[dict[str, DatabaseHandle]] = {}
     _transports: ClassVar[dict[tuple[str, str | None], Transport]] = {}
-    _derived: ClassVar[dict[tuple[int, str], Database]] = {}
+    _derived: ClassVar[dict[tuple[int, str], DatabaseHandle]] = {}
 
     @classmethod
     def configure(cls, config: dict[str, dict[str, Any]]) -> None:
@@ -189,7 +191,7 @@ class ConnectionManager:
         return cls._transports[key]
 
     @classmethod
-    def get(cls, name: str = "default") -> Database:
+    def get(cls, name: str = "default") -> DatabaseHandle:
         handle = cls._handles.get(name)
         if handle is not None:
             return handle
@@ -204,7 +206,7 @@ class ConnectionManager:
         url = entry.get("sidecar") or os.environ.get("DBSIDECAR_URL") or DEFAULT_URL
         token = entry.get("token") or os.environ.get("DBSIDECAR_TOKEN")
         transport = cls._transport(url, token, float(entry.get("timeout", 60.0)))
-        handle = Database(
+        handle = DatabaseHandle(
             name,
             transport=transport,
             database=entry["database"],
@@ -215,10 +217,10 @@ class ConnectionManager:
         return handle
 
     @classmethod
-    def resolve(cls, target: str | Database | Transaction | None) -> Database | Transaction:
+    def resolve(cls, target: str | Handle | None) -> Handle:
         """A handle for ``using()``: a handle or transaction, a handle's name, or a logical
         database name."""
-        if isinstance(target, Database | Transaction):
+        if isinstance(target, Handle):
             return target
         if target is None:
             return cls.get("default")
@@ -227,13 +229,13 @@ class ConnectionManager:
         return cls.handle_for(cls.get("default"), target)
 
     @classmethod
-    def handle_for(cls, base: Database, database: str) -> Database:
+    def handle_for(cls, base: DatabaseHandle, database: str) -> DatabaseHandle:
         if database == base.database:
             return base
         key = (id(base), database)
         handle = cls._derived.get(key)
         if handle is None:
-            handle = Database(
+            handle = DatabaseHandle(
                 database,
                 transport=base.transport,
                 database=database,

@@ -18,7 +18,7 @@ from wire.protocol import BatchResult, Plan, Result, Route, TxBegin, TxDone, TxO
 from .errors import DbSidecarError
 
 if TYPE_CHECKING:
-    from .connection import Database
+    from .connection import DatabaseHandle
 
 _opened = msgspec.json.Decoder(TxOpened)
 _done = msgspec.json.Decoder(TxDone)
@@ -26,14 +26,14 @@ _result = msgspec.json.Decoder(Result)
 
 
 class Transaction:
-    def __init__(self, base: Database, shard: str | int | None = None) -> None:
+    def __init__(self, base: DatabaseHandle, shard: str | int | None = None) -> None:
         self.base = base
         self.database = base.database
         self.shard = shard
         self.id: str | None = None
 
     @property
-    def home(self) -> Database:
+    def home(self) -> DatabaseHandle:
         """Where records read in this transaction go once it is over."""
         return self.base
 

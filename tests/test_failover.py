@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from client import DbSidecarError, Unavailable
-from client.connection import Database
+from client.connection import DatabaseHandle
 from client.transport import Transport
 from devstack.postgres import LocalTopology, PgServer
 from wire.protocol import Insert, Raw, Route
@@ -79,11 +79,11 @@ def fault_config(topo: LocalTopology, **extra: object) -> dict:
 
 
 @pytest.fixture
-async def started(with_table, tmp_path) -> AsyncIterator[tuple[SidecarProcess, Database]]:
+async def started(with_table, tmp_path) -> AsyncIterator[tuple[SidecarProcess, DatabaseHandle]]:
     proc = SidecarProcess(fault_config(with_table), tmp_path, "fault")
     proc.start()
     transport = Transport(proc.url)
-    db = Database("fault", transport=transport, database="orders", consistency="eventual")
+    db = DatabaseHandle("fault", transport=transport, database="orders", consistency="eventual")
     try:
         yield proc, db
     finally:
@@ -111,7 +111,7 @@ async def test_replica_stopped_under_load_then_back(pair, started, read_retries)
     proc, shared = started
     # One request per plan (no client bundles), so the sidecar's request counts are the
     # client's reads; with read_retries=0 every failure the sidecar answers reaches us.
-    db = Database("fault", transport=shared.transport, database="orders",
+    db = DatabaseHandle("fault", transport=shared.transport, database="orders",
                   consistency="eventual", read_retries=read_retries, batching=False)  # fmt: skip
     await eventually(lambda: _served_by(db, "b"), 5, "reads on the replica")
     stop_at: list[float] = []
@@ -172,7 +172,7 @@ async def test_replica_stopped_under_load_then_back(pair, started, read_retries)
     await eventually(lambda: _served_by(db, "b"), 10, "the restarted replica to serve reads")
 
 
-async def _served_by(db: Database, node_name: str) -> bool:
+async def _served_by(db: DatabaseHandle, node_name: str) -> bool:
     result = await db.run(read_replica())
     return result.served_by[0].node == node_name
 
@@ -220,7 +220,7 @@ async def test_promotion_moves_writes_and_split_brain_refuses_them(pair, started
     await eventually(writes_work, 10, "writes to resume once the old primary is gone")
 
 
-async def _attempts(db: Database, n: int):
+async def _attempts(db: DatabaseHandle, n: int):
     for i in range(n):
         try:
             yield await db.run(insert(f"attempt {i}"))
@@ -269,11 +269,11 @@ async def test_a_node_that_never_answers_is_down_and_nothing_hangs(pair, tmp_pat
         proc.start()
         state = await nodes(proc)
         assert state["hole"]["up"] is False and "Timeout" in (state["hole"]["last_error"] or "")
-        db = Database("h", transport=transport, database="orders", consistency="eventual")
+        db = DatabaseHandle("h", transport=transport, database="orders", consistency="eventual")
         for _ in range(6):  # round robin would pick the hole every other time if it were up
             result = await db.run(read_replica())
             assert result.served_by[0].node in ("a", "b")
-        ghost = Database("g", transport=transport, database="ghost", read_retries=0)
+        ghost = DatabaseHandle("g", transport=transport, database="ghost", read_retries=0)
         with pytest.raises(Unavailable):
             await asyncio.wait_for(
                 ghost.run(Raw(database="ghost", sql="SELECT 1", writes=True)), 10
@@ -309,7 +309,7 @@ async def test_sigterm_drains_in_flight_work_then_exits_zero(pair, tmp_path) -> 
     proc = SidecarProcess(fault_config(pair), tmp_path, "term")
     proc.start()
     transport = Transport(proc.url)
-    db = Database("t", transport=transport, database="orders")
+    db = DatabaseHandle("t", transport=transport, database="orders")
     primary = await asyncpg.connect(pair.primary.dsn("orders", pair.user, pair.password))
     try:
         slow = asyncio.create_task(

@@ -65,11 +65,11 @@ def request_counts(sidecar) -> dict[str, float]:
 
 
 def handle(sidecar, batching: bool):
-    from client.connection import Database
+    from client.connection import DatabaseHandle
     from client.transport import Transport
 
-    return Database("b", transport=Transport(sidecar.url), database="orders",
-                    consistency="eventual", batching=batching)  # fmt: skip
+    return DatabaseHandle("b", transport=Transport(sidecar.url), database="orders",
+                          consistency="eventual", batching=batching)  # fmt: skip
 
 
 async def test_concurrent_plans_are_coalesced_into_few_requests(sidecar) -> None:

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import client.metrics
 from client import ActiveRecord, ConnectionManager, PlanError
-from client.connection import Database
+from client.connection import DatabaseHandle
 from client.transport import Transport, request_id
 from sidecar.status import quantile
 from wire.protocol import Raw, Route, Select, Update
@@ -46,7 +46,9 @@ def samples(text: str, name: str, **labels: str) -> float:
 
 
 async def test_metrics_move_with_the_workload(sidecar) -> None:
-    db = Database("m", transport=Transport(sidecar.url), database="orders", consistency="eventual")
+    db = DatabaseHandle(
+        "m", transport=Transport(sidecar.url), database="orders", consistency="eventual"
+    )
     before, content_type = scrape(sidecar)
     assert content_type.startswith("text/plain")
     await db.run(Raw(database="orders", sql="SELECT 1", writes=False, route=Route(role="replica")))
@@ -163,7 +165,7 @@ def test_a_real_prometheus_scrapes_the_sidecar(sidecar, tmp_path) -> None:
 
 async def _some_queries(proc: SidecarProcess) -> None:
     transport = Transport(proc.url)
-    db = Database("p", transport=transport, database="orders", consistency="eventual")
+    db = DatabaseHandle("p", transport=transport, database="orders", consistency="eventual")
     for _ in range(20):
         await db.run(Raw(database="orders", sql="SELECT 1", writes=False))
     await transport.close()
@@ -183,7 +185,7 @@ def chatty_sidecar(topology, workdir) -> Iterator[SidecarProcess]:
 
 async def test_request_ids_flow_through_logs_and_back(chatty_sidecar) -> None:
     transport = Transport(chatty_sidecar.url, token=chatty_sidecar.config["auth_token"])
-    db = Database("c", transport=transport, database="orders", read_retries=0)
+    db = DatabaseHandle("c", transport=transport, database="orders", read_retries=0)
     reset = request_id.set("req-12345")
     try:
         await db.run(Raw(database="orders", sql="SELECT 1", writes=False))

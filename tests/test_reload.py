@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from client import DbSidecarError
-from client.connection import Database
+from client.connection import DatabaseHandle
 from client.transport import Transport
 from devstack.postgres import LocalTopology, PgServer
 from wire.protocol import Insert, Raw, Route, Select
@@ -68,10 +68,12 @@ async def handle() -> AsyncIterator[list[Transport]]:
 
 def database(
     proc: SidecarProcess, transports: list[Transport], name: str = "orders", **options: Any
-) -> Database:
+) -> DatabaseHandle:
     transport = Transport(proc.url)
     transports.append(transport)
-    return Database(name, transport=transport, database=name, consistency="eventual", **options)
+    return DatabaseHandle(
+        name, transport=transport, database=name, consistency="eventual", **options
+    )
 
 
 async def test_one_hundred_reloads_under_load_fail_no_request(topology, tmp_path, handle) -> None:

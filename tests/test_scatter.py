@@ -16,7 +16,7 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.connection import Database
+from client.connection import DatabaseHandle
 from client.results import decode
 from client.transport import Transport
 from devstack.topology import USER_SHARDS
@@ -137,7 +137,7 @@ async def _check(topology, sidecar, rows: list[dict], queries: list) -> None:
         for i, name in enumerate(USER_SHARDS)
     ]
     transport = Transport(f"unix://{sidecar.uds}")
-    db = Database("scatter", transport=transport, database="users", consistency="session")
+    db = DatabaseHandle("scatter", transport=transport, database="users", consistency="session")
     compiler = Compiler()
     try:
         for conn in [oracle, *shards]:
