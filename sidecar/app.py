@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import uvicorn
 from starlette.applications import Starlette
 
-from . import metrics
+from . import gauges, metrics
 from .api import data_app
 from .health import Prober
 from .http_protocol import MAX_CONCURRENCY, BoundedHttpToolsProtocol
@@ -82,7 +82,7 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
     prober = Prober(settings.health)
     transactions = Transactions(settings.transactions)
     state = SidecarState(Runtime.first(settings, Topology({}, {})), prober, transactions, config)
-    collector = metrics.StateCollector(lambda: state)
+    collector = gauges.StateCollector(lambda: state)
     metrics.registry.register(collector)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -96,7 +96,7 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
         # The ops port first, so /startupz answers 503 while the rest starts.
         tasks.append(asyncio.create_task(ops.serve()))
         await config.start(state)
-        metrics.initialize(state)
+        gauges.initialize(state)
         transactions.start()
         tasks += [asyncio.create_task(s.serve()) for s in data]
         while not all(s.started for s in [*data, ops]):

@@ -22,11 +22,13 @@ import os
 import time
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from . import logs, metrics
+from .health import Prober
 from .registry import ConsulRegistry
+from .runtime import Runtime
 from .settings import (
     ConfigError,
     Settings,
@@ -37,9 +39,21 @@ from .settings import (
     read_document,
 )
 from .topology import CatalogNode, Node, Topology, build, close_pools, open_pools
+from .transactions import Transactions
 
-if TYPE_CHECKING:
-    from .state import SidecarState
+
+class Host(Protocol):
+    """What a configuration is applied to: the running sidecar (its SidecarState). A
+    protocol, so this module needs nothing of the state's own module."""
+
+    runtime: Runtime
+    started: bool
+    prober: Prober
+    transactions: Transactions
+
+    @property
+    def topology(self) -> Topology: ...
+
 
 log = logging.getLogger("dbsidecar.config")
 
@@ -85,7 +99,7 @@ class ConfigManager:
         self.catalog: dict[str, list[CatalogNode]] = {}
         self._applied_catalog: dict[str, list[CatalogNode]] = {}
         self.registry: ConsulRegistry | None = None
-        self.state: SidecarState | None = None
+        self.state: Host | None = None
         self.last_error: dict[str, Any] | None = None
         self.last_applied = time.time()
         self._lock = asyncio.Lock()
@@ -116,7 +130,7 @@ class ConfigManager:
         return build_settings(doc)
 
     # Startup
-    async def start(self, state: SidecarState) -> None:
+    async def start(self, state: Host) -> None:
         """Read the registry (waiting for it if required), then build the first table."""
         self.state = state
         consul = self.bootstrap.registry.consul
