@@ -27,6 +27,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar/ ./sidecar/
 COPY client/ ./client/
+COPY wire/ ./wire/
+# Dev tooling (`dbsidecar dev`): part of the distribution, never run in the image.
+COPY devstack/ ./devstack/
 
 # All dependencies publish manylinux wheels for amd64 and arm64, so no compiler
 # is installed here either. If a platform ever lacks one, add build-essential
