@@ -74,9 +74,13 @@ class Field:
     def to_wire(self, value: Any) -> Any:
         return encode_value(value)
 
-    # Query operators
+    def wire_value(self, value: Any) -> Any:
+        """A value checked against the field, in wire form: what saves and filters send."""
+        return self.to_wire(self.check(value))
+
+    # Query operators: operands pass the same check as saved values.
     def _cond(self, op: str, value: Any) -> Condition:
-        return Condition(self.column, op, self.to_wire(value))
+        return Condition(self.column, op, self.wire_value(value))
 
     def __eq__(self, value: Any) -> Condition:  # type: ignore[override]
         if value is None:
@@ -103,10 +107,10 @@ class Field:
     __hash__ = object.__hash__
 
     def in_(self, values: Iterable[Any]) -> Condition:
-        return Condition(self.column, "in", [self.to_wire(v) for v in values])
+        return Condition(self.column, "in", [self.wire_value(v) for v in values])
 
     def not_in(self, values: Iterable[Any]) -> Condition:
-        return Condition(self.column, "not_in", [self.to_wire(v) for v in values])
+        return Condition(self.column, "not_in", [self.wire_value(v) for v in values])
 
     def like(self, pattern: str) -> Condition:
         return Condition(self.column, "like", pattern)
@@ -118,7 +122,7 @@ class Field:
         return Condition(self.column, "is_null", yes)
 
     def between(self, low: Any, high: Any) -> Condition:
-        return Condition(self.column, "between", [self.to_wire(low), self.to_wire(high)])
+        return Condition(self.column, "between", [self.wire_value(low), self.wire_value(high)])
 
     def asc(self) -> OrderBy:
         return OrderBy(self.column)
@@ -172,12 +176,54 @@ class FloatField(Field):
 
 
 class DecimalField(Field):
+    """A numeric column; ``DecimalField(10, 2)`` is ``numeric(10, 2)``: at most 2 decimal
+    places and 8 digits before the point. ``max_digits`` alone means ``numeric(p)``, no
+    decimal places. A value that does not fit is refused rather than left to PostgreSQL,
+    which would round extra decimal places away silently."""
+
     python_types = (Decimal, int)
 
     def __init__(self, max_digits: int | None = None, decimal_places: int | None = None, **kw: Any):
         super().__init__(**kw)
+        if max_digits is not None:
+            decimal_places = decimal_places or 0  # numeric(p) is numeric(p, 0)
+            if not 0 <= decimal_places <= max_digits:
+                raise ValueError("DecimalField needs 0 <= decimal_places <= max_digits")
         self.max_digits = max_digits
         self.decimal_places = decimal_places
+
+    def check(self, value: Any) -> Any:
+        value = super().check(value)
+        if value is None or self.decimal_places is None:
+            return value
+        number = Decimal(value)
+        if number.is_nan():
+            return value  # numeric(p, s) holds NaN
+        if number.is_infinite():
+            raise ValidationError(f"{self.name} cannot hold an infinite value", code="validation")
+        whole, places = _digits(number)
+        if places > self.decimal_places:
+            raise ValidationError(
+                f"{self.name} takes at most {self.decimal_places} decimal places", code="validation"
+            )
+        if self.max_digits is not None and whole > self.max_digits - self.decimal_places:
+            raise ValidationError(
+                f"{self.name} takes at most {self.max_digits - self.decimal_places} digits "
+                "before the decimal point",
+                code="validation",
+            )
+        return value
+
+
+def _digits(number: Decimal) -> tuple[int, int]:
+    """Digits before the point and decimal places a finite number needs (``1.50``: 1, 1)."""
+    _, digits, exponent = number.as_tuple()
+    assert isinstance(exponent, int)  # only NaN and infinities have a letter here
+    if not any(digits):
+        return 0, 0
+    # Trailing zeros change nothing: 1.50 fits numeric(2, 1).
+    zeros = len(digits) - len(bytes(digits).rstrip(b"\0"))
+    return max(0, len(digits) + exponent), max(0, -(exponent + zeros))
 
 
 class JSONField(Field):

@@ -61,36 +61,41 @@ class ActiveRecord:
 
     __hash__ = None  # type: ignore[assignment]
 
-    # Class-level helpers
+    # What a query builds its plans with
     @classmethod
-    def _field(cls, name: str) -> Field:
+    def field_named(cls, name: str) -> Field:
+        """The field with this attribute name; AttributeError if the model has none."""
         try:
             return cls._fields[name]
         except KeyError:
             raise AttributeError(f"{cls.__name__} has no field {name!r}") from None
 
     @classmethod
-    def _wire(cls, name: str, value: Any) -> Any:
-        field = cls._field(name)
-        return field.to_wire(field.check(value))
+    def column_values(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """``{field name: value}`` as an update sends it: column -> checked wire value."""
+        fields = {name: cls.field_named(name) for name in values}
+        return {field.column: field.wire_value(values[name]) for name, field in fields.items()}
 
     @classmethod
-    def _handle(cls, target: str | Handle | None = None) -> Handle:
-        return ConnectionManager.resolve(target if target is not None else cls.__database__)
+    def resolve_handle(cls, using: str | Handle | None = None) -> Handle:
+        """The handle plans run through: ``using``, else the model's ``__database__``."""
+        return ConnectionManager.resolve(using if using is not None else cls.__database__)
+
+    @classmethod
+    def from_rows(cls, rows: Rows, db: Handle) -> list[Self]:
+        """Records for result rows read through ``db`` (where they are written back)."""
+        records = []
+        for row in rows:
+            record = cls.__new__(cls)
+            record._loaded(row, db, rows.served_by)
+            records.append(record)
+        return records
 
     @classmethod
     def _pk_field(cls) -> Field:
         if cls._pk is None:
             raise TypeError(f"{cls.__name__} has no primary key field")
         return cls._pk
-
-    @classmethod
-    def _from_row(cls, row: dict[str, Any], db: Handle, served_by: list[ServedBy]) -> Self:
-        obj = cls.__new__(cls)
-        by_column = {f.column: f.name for f in cls._fields.values()}
-        obj.__dict__.update({by_column.get(k, k): v for k, v in row.items()})
-        obj._dirty, obj._persisted, obj._db, obj._served_by = set(), True, db.home, served_by
-        return obj
 
     # Queries
     @classmethod
@@ -117,7 +122,7 @@ class ActiveRecord:
         """Insert several records in one plan (one statement, or one per shard)."""
         if not records:
             return []
-        db = cls._handle(using)
+        db = cls.resolve_handle(using)
         rows = [r._insert_row() for r in records]
         keys = set(rows[0])
         for row in rows:
@@ -141,7 +146,7 @@ class ActiveRecord:
     ) -> Rows:
         """SQL text with $1.. parameters; say ``writes=False`` for a read (it then runs
         read-only, and ``replica=True`` may send it to a replica)."""
-        db = cls._handle(using)
+        db = cls.resolve_handle(using)
         plan = Raw(
             database=db.database,
             sql=sql,
@@ -179,7 +184,7 @@ class ActiveRecord:
                 elif field.primary_key or name not in self._dirty:
                     # Let the database fill it (serial key, column default).
                     continue
-            row[field.column] = field.to_wire(field.check(value))
+            row[field.column] = field.wire_value(value)
         return row
 
     def _loaded(self, row: dict[str, Any], db: Handle, served_by: list[ServedBy]) -> None:
@@ -195,11 +200,11 @@ class ActiveRecord:
             raise DbSidecarError(
                 f"{type(self).__name__} has no {pk.name} yet", code="no_primary_key"
             )
-        return {"col": pk.column, "op": "=", "value": pk.to_wire(value)}
+        return {"col": pk.column, "op": "=", "value": pk.wire_value(value)}
 
     async def save(self, using: str | Handle | None = None) -> Self:
         """Insert a new record (filling generated columns) or update changed fields."""
-        db = self._db if using is None and self._db is not None else self._handle(using)
+        db = self._db if using is None and self._db is not None else self.resolve_handle(using)
         if not self._persisted:
             plan: Insert | Update = Insert(
                 database=db.database,
@@ -214,10 +219,7 @@ class ActiveRecord:
                     self._dirty.add(field.name)
             if not self._dirty:
                 return self
-            values = {
-                self._fields[n].column: self._wire(n, self.__dict__.get(n))
-                for n in sorted(self._dirty)
-            }
+            values = self.column_values({n: self.__dict__.get(n) for n in sorted(self._dirty)})
             plan = Update(
                 database=db.database,
                 table=self.__tablename__,
@@ -234,19 +236,19 @@ class ActiveRecord:
     async def update(self, **values: Any) -> Self:
         """Set fields and save them: ``await order.update(status='paid')``."""
         for name, value in values.items():
-            self._field(name)
+            self.field_named(name)
             setattr(self, name, value)
         return await self.save()
 
     async def delete(self, using: str | Handle | None = None) -> None:
-        db = self._handle(using) if using is not None else (self._db or self._handle())
+        db = (self._db or self.resolve_handle()) if using is None else self.resolve_handle(using)
         plan = Delete(database=db.database, table=self.__tablename__, where=self._pk_condition())
         await db.run(plan)
         self._persisted = False
 
     async def reload(self) -> Self:
         """Read the record again from the primary."""
-        db = self._db or self._handle()
+        db = self._db or self.resolve_handle()
         fresh = (
             await type(self)
             .find_by_id(self.__dict__[self._pk_field().name])

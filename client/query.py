@@ -64,7 +64,8 @@ class Query(Generic[M]):
 
     def filter(self, **equals: Any) -> Query[M]:
         """``filter(status='new')`` is ``where(Model.status == 'new')``."""
-        return self.where(*(self.model._field(name) == value for name, value in equals.items()))
+        field = self.model.field_named
+        return self.where(*(field(name) == value for name, value in equals.items()))
 
     def order_by(self, *keys: Field | OrderBy | str) -> Query[M]:
         """Fields, ``Field.desc()``/``-Field``, or names (``'-created_at'`` for descending)."""
@@ -76,7 +77,7 @@ class Query(Generic[M]):
                 clone._order.append(key.asc())
             else:
                 desc = key.startswith("-")
-                clone._order.append(OrderBy(self.model._field(key.lstrip("-")).column, desc))
+                clone._order.append(OrderBy(self.model.field_named(key.lstrip("-")).column, desc))
         return clone
 
     def group_by(self, *fields: Field) -> Query[M]:
@@ -128,7 +129,7 @@ class Query(Generic[M]):
 
     # Plan building
     def handle(self) -> Handle:
-        return self.model._handle(self._target)
+        return self.model.resolve_handle(self._target)
 
     def _where_wire(self) -> dict[str, Any] | None:
         if not self._where:
@@ -160,13 +161,12 @@ class Query(Generic[M]):
 
     async def all(self) -> list[M]:
         db = self.handle()
-        rows = decode(await db.run(self.select_plan(db)))
-        return [self.model._from_row(row, db, rows.served_by) for row in rows]
+        return self.model.from_rows(decode(await db.run(self.select_plan(db))), db)
 
     async def first(self) -> M | None:
         db = self.handle()
-        rows = decode(await db.run(self.select_plan(db, limit=1)))
-        return self.model._from_row(rows[0], db, rows.served_by) if rows else None
+        found = self.model.from_rows(decode(await db.run(self.select_plan(db, limit=1))), db)
+        return found[0] if found else None
 
     async def one(self) -> M:
         found = await self.first()
@@ -209,11 +209,10 @@ class Query(Generic[M]):
     async def update(self, **values: Any) -> int:
         """Update every matching row; returns how many changed."""
         db = self.handle()
-        wire = {self.model._field(k).column: self.model._wire(k, v) for k, v in values.items()}
         plan = Update(
             database=db.database,
             table=self.model.__tablename__,
-            values=wire,
+            values=self.model.column_values(values),
             where=self._where_wire(),
             route=self._route(),
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -102,7 +102,3 @@ def _error(payload: bytes, status: int) -> DbSidecarError:
         text = payload[:200].decode(errors="replace")
         return DbSidecarError(f"sidecar answered HTTP {status}: {text}", status=status)
     return from_error_body(envelope.error, status)
-
-
-def encode(obj: Any) -> bytes:
-    return msgspec.json.encode(obj)
