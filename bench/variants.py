@@ -6,7 +6,7 @@ closed after it, so at most one variant's direct connections exist at a time.
 Direct variants (asyncpg, asyncpg-default-reset, pgbouncer) use one pool of 10 for
 ``orders`` and one per user shard; their scatter-gather is 4 concurrent queries on the 4
 shard pools merged in Python, the same work the sidecar does for the client. Sidecar
-variants use :class:`client.connection.Database` (eventual consistency) and decode result
+variants use :class:`client.connection.DatabaseHandle` (eventual consistency) and decode result
 values as the model layer does.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from client.connection import Database
+from client.connection import DatabaseHandle
 from client.transport import Transport
 from devstack.topology import USER_SHARDS
 from wire.protocol import Count, Insert, OrderBy, Result, Select, Update
@@ -146,21 +146,21 @@ def _eq(col: str, value: Any) -> dict[str, Any]:
 
 
 class SidecarVariant:
-    """client.connection.Database through the sidecar, over TCP or a Unix socket."""
+    """client.connection.DatabaseHandle through the sidecar, over TCP or a Unix socket."""
 
     def __init__(self, name: str, url: str) -> None:
         self.name = name
         self.url = url
         self.transport: Transport | None = None
-        self.orders: Database | None = None
-        self.users: Database | None = None
+        self.orders: DatabaseHandle | None = None
+        self.users: DatabaseHandle | None = None
 
     async def open(self) -> None:
         self.transport = Transport(self.url)
-        self.orders = Database(
+        self.orders = DatabaseHandle(
             "bench", transport=self.transport, database="orders", consistency="eventual"
         )
-        self.users = Database(
+        self.users = DatabaseHandle(
             "bench-users", transport=self.transport, database="users", consistency="eventual"
         )
 
@@ -169,7 +169,7 @@ class SidecarVariant:
             await self.transport.close()
         self.transport = self.orders = self.users = None
 
-    def _db(self, users: bool = False) -> Database:
+    def _db(self, users: bool = False) -> DatabaseHandle:
         db = self.users if users else self.orders
         assert db is not None, "variant not open"
         return db

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from wire.errors import ErrorCode
 from wire.protocol import ErrorBody
 
 
@@ -96,14 +97,14 @@ class Timeout(DbSidecarError):
 
 
 _BY_CODE: dict[str, type[DbSidecarError]] = {
-    "unique_violation": UniqueViolation,
-    "foreign_key_violation": ForeignKeyViolation,
-    "shard_key_required": ShardKeyRequired,
-    "write_outcome_unknown": WriteOutcomeUnknown,
-    "transaction_aborted": TransactionAborted,
-    "split_brain": SplitBrain,
-    "unauthorized": Unauthorized,
-    "unknown_database": UnknownDatabase,
+    ErrorCode.UNIQUE_VIOLATION: UniqueViolation,
+    ErrorCode.FOREIGN_KEY_VIOLATION: ForeignKeyViolation,
+    ErrorCode.SHARD_KEY_REQUIRED: ShardKeyRequired,
+    ErrorCode.WRITE_OUTCOME_UNKNOWN: WriteOutcomeUnknown,
+    ErrorCode.TRANSACTION_ABORTED: TransactionAborted,
+    ErrorCode.SPLIT_BRAIN: SplitBrain,
+    ErrorCode.UNAUTHORIZED: Unauthorized,
+    ErrorCode.UNKNOWN_DATABASE: UnknownDatabase,
 }
 _BY_STATUS: dict[int, type[DbSidecarError]] = {
     400: PlanError,
@@ -121,7 +122,7 @@ def from_error_body(body: ErrorBody, status: int) -> DbSidecarError:
     cls = _BY_CODE.get(body.code) or _BY_STATUS.get(status, DatabaseError)
     if cls is IntegrityError and body.sqlstate and not body.sqlstate.startswith("23"):
         cls = DatabaseError
-    if status == 404 and body.code == "undefined_table":
+    if status == 404 and body.code == ErrorCode.UNDEFINED_TABLE:
         cls = DatabaseError
     return cls(
         body.message,

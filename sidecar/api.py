@@ -28,6 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from wire.errors import ErrorCode
 from wire.protocol import (
     Batch,
     Bundle,
@@ -45,6 +46,7 @@ from .bodies import read_body
 from .errors import SidecarError
 from .openapi import openapi_document
 from .state import SidecarState
+from .statuses import status_of
 from .topology_view import topology_document
 
 log = logging.getLogger("dbsidecar.api")
@@ -76,10 +78,10 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
     try:
         return decoder.decode(body)
     except msgspec.DecodeError as exc:
-        raise SidecarError(400, "bad_plan", f"invalid plan: {exc}") from None
+        raise SidecarError(ErrorCode.BAD_PLAN, f"invalid plan: {exc}") from None
     except RecursionError:
         # msgspec stops at the interpreter's recursion limit (~1000 levels of nesting).
-        raise SidecarError(400, "plan_too_complex", "the plan is nested too deeply") from None
+        raise SidecarError(ErrorCode.PLAN_TOO_COMPLEX, "the plan is nested too deeply") from None
 
 
 def _authorized(given: str, token: str) -> bool:
@@ -135,14 +137,14 @@ async def _guarded(
     try:
         token = state.settings.auth_token
         if token is not None and not _authorized(headers.get("authorization", ""), token):
-            raise SidecarError(401, "unauthorized", "missing or wrong bearer token")
+            raise SidecarError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
         return await handler(Call(state, await read(), params))
     except SidecarError as exc:
-        return exc.status, ErrorEnvelope(exc.body())
+        return status_of(exc.code), ErrorEnvelope(exc.body())
     except Exception:
         log.exception("unexpected error")
-        error = SidecarError(500, "internal", "internal error in the sidecar; see its log")
-        return 500, ErrorEnvelope(error.body())
+        error = SidecarError(ErrorCode.INTERNAL, "internal error in the sidecar; see its log")
+        return status_of(error.code), ErrorEnvelope(error.body())
 
 
 # Handlers
@@ -161,17 +163,17 @@ async def bundle(call: Call) -> tuple[int, Any]:
     body = _decode(_bundle_decoder, call.body)
     limit = rt.settings.limits.max_batch_plans
     if len(body.plans) > limit:
-        raise SidecarError(400, "bad_plan", f"a bundle holds at most {limit} plans")
+        raise SidecarError(ErrorCode.BAD_PLAN, f"a bundle holds at most {limit} plans")
 
     async def one(plan: Plan) -> BundleItem:
         try:
             return BundleItem(result=await dispatch.run(rt, plan))
         except SidecarError as exc:
-            return BundleItem(error=exc.body(), status=exc.status)
+            return BundleItem(error=exc.body(), status=status_of(exc.code))
         except Exception:
             log.exception("unexpected error in a bundled plan")
-            error = SidecarError(500, "internal", "internal error in the sidecar; see its log")
-            return BundleItem(error=error.body(), status=500)
+            error = SidecarError(ErrorCode.INTERNAL, "internal error in the sidecar; see its log")
+            return BundleItem(error=error.body(), status=status_of(error.code))
 
     metrics.bundle_size.observe(len(body.plans))
     items = await asyncio.gather(*(one(p) for p in body.plans))

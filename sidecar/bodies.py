@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from starlette.types import Receive
 
+from wire.errors import ErrorCode
+
 from .errors import SidecarError
 
 
@@ -26,7 +28,7 @@ async def read_body(receive: Receive, declared: str, limit: int) -> bytes:
         if message["type"] == "http.disconnect":
             # Nobody is left to answer; 499 (nginx's "client closed request") keeps
             # this out of the 500s in the metrics.
-            raise SidecarError(499, "client_disconnected", "the client went away mid-body")
+            raise SidecarError(ErrorCode.CLIENT_DISCONNECTED, "the client went away mid-body")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -37,4 +39,4 @@ async def read_body(receive: Receive, declared: str, limit: int) -> bytes:
 
 
 def _too_large(limit: int) -> SidecarError:
-    return SidecarError(413, "body_too_large", f"request bodies are limited to {limit} bytes")
+    return SidecarError(ErrorCode.BODY_TOO_LARGE, f"request bodies are limited to {limit} bytes")

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from wire.errors import ErrorCode
 from wire.protocol import (
     AggregateQuery,
     Count,
@@ -191,7 +192,7 @@ def _require_where(where: Shape | None, all_rows: bool, op: str) -> None:
         raise bad_plan(
             f"{'an' if op == 'update' else 'a'} {op} without a where clause touches every row; "
             "set all_rows to mean it",
-            "where_required",
+            ErrorCode.WHERE_REQUIRED,
         )
 
 

@@ -1,34 +1,36 @@
-"""The sidecar's error model: a code, an HTTP status and whether a retry can help.
+"""The sidecar's error model: an error code (wire.errors) and a message.
 
-PostgreSQL errors are mapped by SQLSTATE class so the client can raise a
-matching exception; anything unexpected becomes a 500 that names no secret.
+Whether a retry can help follows from the code; the HTTP status too, decided by the API
+layer (sidecar/statuses.py). PostgreSQL errors are mapped by SQLSTATE so the client can
+raise a matching exception; anything unexpected is ``internal`` and names no secret.
 """
 
 from __future__ import annotations
 
 import asyncpg
 
+from wire.errors import RETRYABLE, ErrorCode
 from wire.protocol import ErrorBody
 
 
 class SidecarError(Exception):
     def __init__(
         self,
-        status: int,
-        code: str,
+        code: ErrorCode,
         message: str,
         *,
-        retryable: bool = False,
         sqlstate: str | None = None,
         index: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
-        self.retryable = retryable
         self.sqlstate = sqlstate
         self.index = index
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE
 
     def body(self) -> ErrorBody:
         return ErrorBody(
@@ -40,75 +42,74 @@ class SidecarError(Exception):
         )
 
 
-def bad_plan(message: str, code: str = "bad_plan") -> SidecarError:
-    return SidecarError(400, code, message)
+def bad_plan(message: str, code: ErrorCode = ErrorCode.BAD_PLAN) -> SidecarError:
+    return SidecarError(code, message)
 
 
-# SQLSTATE -> (status, code, retryable); classes ("23") after exact states. Every class
-# PostgreSQL defines is here: a caller's mistake is a 4xx, and only a failing server
-# (classes 58 and XX) is a 5xx.
-_BY_STATE: dict[str, tuple[int, str, bool]] = {
-    "23505": (409, "unique_violation", False),
-    "23503": (409, "foreign_key_violation", False),
-    "23502": (422, "not_null_violation", False),
-    "23514": (422, "check_violation", False),
-    "25006": (409, "read_only_transaction", False),
-    "25P02": (409, "transaction_aborted", False),
-    "40001": (409, "serialization_failure", True),
-    "40P01": (409, "deadlock_detected", True),
-    "42P01": (404, "undefined_table", False),
-    "42703": (400, "undefined_column", False),
-    "42883": (400, "undefined_function", False),
-    "42601": (400, "syntax_error", False),
-    "42501": (403, "insufficient_privilege", False),
-    "55P03": (409, "lock_not_available", True),
-    "57P01": (503, "admin_shutdown", True),
-    "57P02": (503, "crash_shutdown", True),
-    "57P03": (503, "cannot_connect_now", True),
-    "57P04": (503, "database_dropped", False),
+# SQLSTATE -> code; classes ("23") after exact states. Every class PostgreSQL defines is
+# here (their statuses: a caller's mistake is a 4xx, only a failing server a 5xx).
+_BY_STATE: dict[str, ErrorCode] = {
+    "23505": ErrorCode.UNIQUE_VIOLATION,
+    "23503": ErrorCode.FOREIGN_KEY_VIOLATION,
+    "23502": ErrorCode.NOT_NULL_VIOLATION,
+    "23514": ErrorCode.CHECK_VIOLATION,
+    "25006": ErrorCode.READ_ONLY_TRANSACTION,
+    "25P02": ErrorCode.TRANSACTION_ABORTED,
+    "40001": ErrorCode.SERIALIZATION_FAILURE,
+    "40P01": ErrorCode.DEADLOCK_DETECTED,
+    "42P01": ErrorCode.UNDEFINED_TABLE,
+    "42703": ErrorCode.UNDEFINED_COLUMN,
+    "42883": ErrorCode.UNDEFINED_FUNCTION,
+    "42601": ErrorCode.SYNTAX_ERROR,
+    "42501": ErrorCode.INSUFFICIENT_PRIVILEGE,
+    "55P03": ErrorCode.LOCK_NOT_AVAILABLE,
+    "57P01": ErrorCode.ADMIN_SHUTDOWN,
+    "57P02": ErrorCode.CRASH_SHUTDOWN,
+    "57P03": ErrorCode.CANNOT_CONNECT_NOW,
+    "57P04": ErrorCode.DATABASE_DROPPED,
 }
-_BY_CLASS: dict[str, tuple[int, str, bool]] = {
-    "03": (400, "sql_statement_not_yet_complete", False),
-    "09": (422, "triggered_action_exception", False),
-    "0A": (400, "feature_not_supported", False),
-    "0B": (409, "invalid_transaction_initiation", False),
-    "0F": (400, "locator_exception", False),
-    "0L": (400, "invalid_grantor", False),
-    "0P": (400, "invalid_role_specification", False),
-    "0Z": (400, "diagnostics_exception", False),
-    "10": (400, "xquery_error", False),
-    "20": (422, "case_not_found", False),
-    "21": (422, "cardinality_violation", False),
-    "22": (422, "data_exception", False),
-    "23": (409, "integrity_violation", False),
-    "24": (409, "invalid_cursor_state", False),
-    "25": (409, "invalid_transaction_state", False),
-    "26": (400, "invalid_sql_statement_name", False),
-    "27": (409, "triggered_data_change_violation", False),
-    "28": (403, "invalid_authorization", False),
-    "2B": (409, "dependent_privilege_descriptors_exist", False),
-    "2D": (409, "invalid_transaction_termination", False),
-    "2F": (400, "sql_routine_exception", False),
-    "34": (400, "invalid_cursor_name", False),
-    "38": (400, "external_routine_exception", False),
-    "39": (400, "external_routine_invocation_exception", False),
-    "3B": (409, "savepoint_exception", False),
-    "3D": (404, "invalid_catalog_name", False),
-    "3F": (400, "invalid_schema_name", False),
-    "40": (409, "transaction_rollback", True),
-    "42": (400, "invalid_statement", False),
-    "44": (422, "with_check_option_violation", False),
-    "53": (503, "insufficient_resources", True),
-    "54": (400, "program_limit_exceeded", False),
-    "55": (409, "object_not_in_prerequisite_state", False),
-    "57": (503, "operator_intervention", True),
-    "58": (502, "system_error", True),
-    "72": (409, "snapshot_too_old", True),
-    "F0": (400, "config_file_error", False),
-    "HV": (400, "fdw_error", False),
-    "P0": (422, "raised_exception", False),
-    "XX": (502, "internal_database_error", False),
-    "08": (503, "connection_failure", True),
+_BY_CLASS: dict[str, ErrorCode] = {
+    "03": ErrorCode.SQL_STATEMENT_NOT_YET_COMPLETE,
+    "09": ErrorCode.TRIGGERED_ACTION_EXCEPTION,
+    "0A": ErrorCode.FEATURE_NOT_SUPPORTED,
+    "0B": ErrorCode.INVALID_TRANSACTION_INITIATION,
+    "0F": ErrorCode.LOCATOR_EXCEPTION,
+    "0L": ErrorCode.INVALID_GRANTOR,
+    "0P": ErrorCode.INVALID_ROLE_SPECIFICATION,
+    "0Z": ErrorCode.DIAGNOSTICS_EXCEPTION,
+    "10": ErrorCode.XQUERY_ERROR,
+    "20": ErrorCode.CASE_NOT_FOUND,
+    "21": ErrorCode.CARDINALITY_VIOLATION,
+    "22": ErrorCode.DATA_EXCEPTION,
+    "23": ErrorCode.INTEGRITY_VIOLATION,
+    "24": ErrorCode.INVALID_CURSOR_STATE,
+    "25": ErrorCode.INVALID_TRANSACTION_STATE,
+    "26": ErrorCode.INVALID_SQL_STATEMENT_NAME,
+    "27": ErrorCode.TRIGGERED_DATA_CHANGE_VIOLATION,
+    "28": ErrorCode.INVALID_AUTHORIZATION,
+    "2B": ErrorCode.DEPENDENT_PRIVILEGE_DESCRIPTORS_EXIST,
+    "2D": ErrorCode.INVALID_TRANSACTION_TERMINATION,
+    "2F": ErrorCode.SQL_ROUTINE_EXCEPTION,
+    "34": ErrorCode.INVALID_CURSOR_NAME,
+    "38": ErrorCode.EXTERNAL_ROUTINE_EXCEPTION,
+    "39": ErrorCode.EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,
+    "3B": ErrorCode.SAVEPOINT_EXCEPTION,
+    "3D": ErrorCode.INVALID_CATALOG_NAME,
+    "3F": ErrorCode.INVALID_SCHEMA_NAME,
+    "40": ErrorCode.TRANSACTION_ROLLBACK,
+    "42": ErrorCode.INVALID_STATEMENT,
+    "44": ErrorCode.WITH_CHECK_OPTION_VIOLATION,
+    "53": ErrorCode.INSUFFICIENT_RESOURCES,
+    "54": ErrorCode.PROGRAM_LIMIT_EXCEEDED,
+    "55": ErrorCode.OBJECT_NOT_IN_PREREQUISITE_STATE,
+    "57": ErrorCode.OPERATOR_INTERVENTION,
+    "58": ErrorCode.SYSTEM_ERROR,
+    "72": ErrorCode.SNAPSHOT_TOO_OLD,
+    "F0": ErrorCode.CONFIG_FILE_ERROR,
+    "HV": ErrorCode.FDW_ERROR,
+    "P0": ErrorCode.RAISED_EXCEPTION,
+    "XX": ErrorCode.INTERNAL_DATABASE_ERROR,
+    "08": ErrorCode.CONNECTION_FAILURE,
 }
 
 
@@ -118,18 +119,14 @@ def from_postgres(exc: asyncpg.PostgresError) -> SidecarError:
     if state == "57014":
         # One SQLSTATE for both: PostgreSQL's statement_timeout, or someone's
         # pg_cancel_backend(). Only the first is a timeout.
-        if "statement timeout" in message:
-            status, code, retryable = 504, "statement_timeout", True
-        else:
-            status, code, retryable = 409, "query_canceled", True
+        timeout = "statement timeout" in message
+        code = ErrorCode.STATEMENT_TIMEOUT if timeout else ErrorCode.QUERY_CANCELED
     else:
-        status, code, retryable = _BY_STATE.get(state) or _BY_CLASS.get(
-            state[:2], (502, "database_error", False)
-        )
+        code = _BY_STATE.get(state) or _BY_CLASS.get(state[:2], ErrorCode.DATABASE_ERROR)
     detail = getattr(exc, "detail", None)
     if detail:
         message = f"{message} ({detail})"
-    return SidecarError(status, code, message, retryable=retryable, sqlstate=state or None)
+    return SidecarError(code, message, sqlstate=state or None)
 
 
 # Errors that say the connection (or the server behind it) is gone. asyncpg's other
@@ -190,21 +187,17 @@ def from_exception(
     # asyncpg's client-side DataError is an InterfaceError and a ValueError: a bad
     # value, not a broken connection.
     if isinstance(exc, ValueError | TypeError | OverflowError):
-        return SidecarError(422, "bad_value", f"a value does not fit its column: {exc}")
+        return SidecarError(ErrorCode.DATA_EXCEPTION, f"a value does not fit its column: {exc}")
     if connection_lost(exc, conn):
         if writes:
             return SidecarError(
-                503,
-                "write_outcome_unknown",
+                ErrorCode.WRITE_OUTCOME_UNKNOWN,
                 f"the connection failed during a write; it may or may not have committed: {exc}",
-                retryable=True,
             )
-        return SidecarError(
-            503, "node_unavailable", f"database node unavailable: {exc}", retryable=True
-        )
+        return SidecarError(ErrorCode.NODE_UNAVAILABLE, f"database node unavailable: {exc}")
     if isinstance(exc, asyncpg.PostgresError):
         return from_postgres(exc)
     if isinstance(exc, asyncpg.InterfaceError):
         # Refused by asyncpg before the server saw it: a wrong number of parameters, ...
-        return SidecarError(400, "bad_statement", str(exc))
-    return SidecarError(500, "internal", f"{type(exc).__name__}: {exc}")
+        return SidecarError(ErrorCode.BAD_STATEMENT, str(exc))
+    return SidecarError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from wire.errors import ErrorCode
 from wire.protocol import Result, ServedBy
 from wire.values import wire_rows
 
@@ -99,7 +100,7 @@ async def acquire(node: Node, acquire_timeout: float) -> asyncpg.Connection:
     """A pooled connection (give it back with :func:`release`); failures to get one are
     retryable and never ran anything."""
     if node.pool is None:
-        raise SidecarError(503, "node_unavailable", f"node {node.name} has no pool", retryable=True)
+        raise SidecarError(ErrorCode.NODE_UNAVAILABLE, f"node {node.name} has no pool")
     began = time.perf_counter()
     # With an idle connection the acquire cannot wait, so skip asyncio.timeout's cost
     # (the largest single item in the sidecar's profile at concurrency 32).
@@ -109,16 +110,14 @@ async def acquire(node: Node, acquire_timeout: float) -> asyncpg.Connection:
     except TimeoutError:
         metrics.acquire_timeouts(node.db_label, node.shard_label, node.name).inc()
         raise SidecarError(
-            503,
-            "pool_timeout",
+            ErrorCode.POOL_TIMEOUT,
             f"no free connection to {node.name} within {acquire_timeout:g} s",
-            retryable=True,
         ) from None
     except Exception as exc:
         if is_connection_error(exc):
             node.mark(False, str(exc))
             raise SidecarError(
-                503, "node_unavailable", f"cannot connect to {node.name}: {exc}", retryable=True
+                ErrorCode.NODE_UNAVAILABLE, f"cannot connect to {node.name}: {exc}"
             ) from None
         raise
     elapsed = time.perf_counter() - began
@@ -213,7 +212,8 @@ async def execute(
                 status = await conn.execute("COMMIT", timeout=timeout)
                 if status != "COMMIT":
                     raise SidecarError(
-                        409, "transaction_aborted", f"PostgreSQL answered the commit with {status}"
+                        ErrorCode.TRANSACTION_ABORTED,
+                        f"PostgreSQL answered the commit with {status}",
                     )
             else:
                 parts = await run_statement(conn, statements[0], timeout)

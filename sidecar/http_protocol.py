@@ -20,10 +20,12 @@ from typing import Any
 import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from wire.errors import ErrorCode
 from wire.protocol import ErrorEnvelope
 
 from .errors import SidecarError
 from .settings import LimitsSettings
+from .statuses import status_of
 
 # Seconds for a whole request to arrive. Loopback clients send one in well under a
 # millisecond; this only has to outlast a CPU-starved client. (A candidate setting.)
@@ -32,9 +34,10 @@ READ_TIMEOUT = 10.0
 MAX_CONCURRENCY = 1024
 
 
-def _answer(status: int, reason: bytes, code: str, message: str) -> bytes:
+def _answer(reason: bytes, code: ErrorCode, message: str) -> bytes:
     """A whole response in the data plane's error model, for answers given before the app."""
-    body = msgspec.json.encode(ErrorEnvelope(SidecarError(status, code, message).body()))
+    status = status_of(code)
+    body = msgspec.json.encode(ErrorEnvelope(SidecarError(code, message).body()))
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
         b"connection: close\r\n\r\n%s" % (status, reason, len(body), body)
@@ -117,7 +120,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse_headers(self) -> None:
         self._headers_too_large = True
         message = f"request line and headers are limited to {self._header_limit} bytes"
-        answer = _answer(431, b"Request Header Fields Too Large", "headers_too_large", message)
+        answer = _answer(b"Request Header Fields Too Large", ErrorCode.HEADERS_TOO_LARGE, message)
         self.transport.write(answer)
         self.transport.close()
 
@@ -138,5 +141,5 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # headers are complete nobody has answered yet.
         if self._reading_headers or self.cycle is None:
             message = f"the request did not arrive within {READ_TIMEOUT:g} s"
-            self.transport.write(_answer(408, b"Request Timeout", "request_timeout", message))
+            self.transport.write(_answer(b"Request Timeout", ErrorCode.REQUEST_TIMEOUT, message))
         self.transport.close()

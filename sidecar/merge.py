@@ -39,6 +39,7 @@ from typing import Any
 
 import msgspec
 
+from wire.errors import ErrorCode
 from wire.protocol import Aggregate, AggregateQuery, Select
 
 from .errors import bad_plan
@@ -108,7 +109,7 @@ def _refuse_json(kinds: Sequence[str | None], positions: Iterable[int], what: st
                 f"{what} a json/jsonb column across shards cannot be done exactly "
                 "(JSON null and SQL NULL are indistinguishable after decoding); "
                 "pin the read to one shard or use a scalar column",
-                "unsupported_merge",
+                ErrorCode.UNSUPPORTED_MERGE,
             )
 
 

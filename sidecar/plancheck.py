@@ -18,6 +18,7 @@ import re
 import reprlib
 from typing import Any
 
+from wire.errors import ErrorCode
 from wire.protocol import COMPARISON_OPS
 from wire.values import WireValueError, decode_value
 
@@ -48,7 +49,8 @@ def column(name: Any) -> str:
     """A checked, quoted column (or alias) name."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise bad_plan(
-            f"invalid identifier {_brief(name)}: use letters, digits and _", "bad_identifier"
+            f"invalid identifier {_brief(name)}: use letters, digits and _",
+            ErrorCode.BAD_IDENTIFIER,
         )
     return f'"{name}"'
 
@@ -56,10 +58,10 @@ def column(name: Any) -> str:
 def table(name: Any) -> str:
     """A checked, quoted table name, optionally schema-qualified."""
     if not isinstance(name, str) or not name:
-        raise bad_plan(f"invalid table name {_brief(name)}", "bad_identifier")
+        raise bad_plan(f"invalid table name {_brief(name)}", ErrorCode.BAD_IDENTIFIER)
     parts = name.split(".")
     if len(parts) > 2:
-        raise bad_plan(f"invalid table name {_brief(name)}", "bad_identifier")
+        raise bad_plan(f"invalid table name {_brief(name)}", ErrorCode.BAD_IDENTIFIER)
     return ".".join(column(p) for p in parts)
 
 
@@ -70,12 +72,12 @@ def value(raw: Any, max_items: int = MAX_LIST_VALUES) -> Any:
         raise bad_plan(
             f"a list value may hold at most {max_items} values (limits.max_in_values); "
             "put a larger set in a table",
-            "plan_too_complex",
+            ErrorCode.PLAN_TOO_COMPLEX,
         )
     try:
         return decode_value(raw)
     except WireValueError as exc:
-        raise bad_plan(str(exc), "bad_value") from None
+        raise bad_plan(str(exc), ErrorCode.BAD_VALUE) from None
 
 
 def _count_items(raw: list[Any], budget: int) -> int:
@@ -92,7 +94,9 @@ def _count_items(raw: list[Any], budget: int) -> int:
 
 
 def too_many_params() -> SidecarError:
-    return bad_plan(f"a plan may bind at most {MAX_PARAMS} values; split it", "plan_too_complex")
+    return bad_plan(
+        f"a plan may bind at most {MAX_PARAMS} values; split it", ErrorCode.PLAN_TOO_COMPLEX
+    )
 
 
 def non_negative(name: str, number: int | None) -> None:
@@ -105,7 +109,7 @@ def where_shape(
 ) -> Shape:
     """Check a where-tree, append its values to params, return its normalized shape."""
     if depth > max_depth:
-        raise bad_plan(f"where-tree deeper than {max_depth} levels", "plan_too_complex")
+        raise bad_plan(f"where-tree deeper than {max_depth} levels", ErrorCode.PLAN_TOO_COMPLEX)
     if not isinstance(node, dict):
         raise bad_plan(f"a where node must be an object, got {_brief(node)}")
     if len(node) == 1:
@@ -132,7 +136,8 @@ def where_shape(
     column(col)
     if not isinstance(op, str) or op not in COMPARISON_OPS:
         raise bad_plan(
-            f"unknown operator {_brief(op)}; use one of {sorted(COMPARISON_OPS)}", "bad_operator"
+            f"unknown operator {_brief(op)}; use one of {sorted(COMPARISON_OPS)}",
+            ErrorCode.BAD_OPERATOR,
         )
     # Checked per leaf, so a huge tree is refused before all of it is decoded.
     if len(params) >= MAX_PARAMS:

@@ -27,6 +27,8 @@ from pglast import ast, parse_sql
 from pglast.parser import ParseError
 from pglast.visitors import Visitor
 
+from wire.errors import ErrorCode
+
 from .errors import SidecarError, bad_plan
 
 _NEVER = {
@@ -82,31 +84,33 @@ def _check(sql: str, writes: bool) -> None:
     try:
         statements = parse_sql(sql)
     except ParseError as exc:
-        raise SidecarError(400, "syntax_error", f"raw SQL does not parse: {exc}") from None
+        raise SidecarError(ErrorCode.SYNTAX_ERROR, f"raw SQL does not parse: {exc}") from None
     except RecursionError:
-        raise bad_plan("raw SQL nested too deeply", "plan_too_complex") from None
+        raise bad_plan("raw SQL nested too deeply", ErrorCode.PLAN_TOO_COMPLEX) from None
     if len(statements) != 1:
         raise bad_plan(
             f"a raw plan is one statement, got {len(statements)}: send several in a batch",
-            "raw_refused",
+            ErrorCode.RAW_REFUSED,
         )
     stmt = statements[0].stmt
     refusal = _NEVER.get(type(stmt))
     if refusal is not None:
-        raise bad_plan(f"{type(stmt).__name__} refused in a raw plan: {refusal}", "raw_refused")
+        raise bad_plan(
+            f"{type(stmt).__name__} refused in a raw plan: {refusal}", ErrorCode.RAW_REFUSED
+        )
     if not writes and not isinstance(stmt, _READS):
         raise bad_plan(
             f"{type(stmt).__name__} may write: a raw plan that writes declares writes: true",
-            "raw_refused",
+            ErrorCode.RAW_REFUSED,
         )
     functions = _Functions()
     functions(statements[0])
     for name in functions.names:
         if name in _ADMIN_FUNCTIONS:
-            raise bad_plan(f"{name}() acts on other sessions or the server", "raw_refused")
+            raise bad_plan(f"{name}() acts on other sessions or the server", ErrorCode.RAW_REFUSED)
         side_effect = name in _SIDE_EFFECT_FUNCTIONS or name.startswith(_SIDE_EFFECT_PREFIXES)
         if side_effect and not writes:
             raise bad_plan(
                 f"{name}() has side effects: a raw plan calling it declares writes: true",
-                "raw_refused",
+                ErrorCode.RAW_REFUSED,
             )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import msgspec
 
 from wire.consistency import parse_token
+from wire.errors import ErrorCode
 from wire.protocol import ALL_SHARDS, AggregateQuery, Count, Insert, Plan, Select, plan_writes
 
 from . import sharding
@@ -79,8 +80,7 @@ def database(topology: Topology, name: str) -> tuple[Database, int | None]:
     found = topology.lookup(name)
     if found is None:
         raise SidecarError(
-            404,
-            "unknown_database",
+            ErrorCode.UNKNOWN_DATABASE,
             f"no database {name!r} is configured; known: {sorted(topology.databases)}",
         )
     return found
@@ -102,7 +102,7 @@ def route(
         raise bad_plan(
             f"a write on sharded {db.name!r} needs the shard key {db.shard_fn.key!r} in its "
             "where clause, or route.shard '*' (all_shards()) to mean every shard",
-            "shard_key_required",
+            ErrorCode.SHARD_KEY_REQUIRED,
         )
     every = list(range(len(db.shards)))
     # A key pinned to no value at all (`id in []`): one shard answers "nothing".
@@ -138,11 +138,11 @@ def _transaction_shard(
         raise bad_plan(
             "a transaction on a sharded database stays on one shard: pin it when "
             "opening, or pin one shard in the first plan",
-            "cross_shard_transaction",
+            ErrorCode.CROSS_SHARD_TRANSACTION,
         )
     if bound is not None and indexes[0] != bound.index:
         raise bad_plan(
-            f"this transaction is bound to shard {bound.name!r}", "cross_shard_transaction"
+            f"this transaction is bound to shard {bound.name!r}", ErrorCode.CROSS_SHARD_TRANSACTION
         )
     return indexes
 
@@ -156,13 +156,14 @@ def batch_shard(routes: Sequence[Route]) -> Shard:
         return routes[0].db.shards[0]
     if any(r.scope is Scope.ALL for r in routes):
         raise bad_plan(
-            "every plan in a batch on a sharded database must pin one shard", "cross_shard_batch"
+            "every plan in a batch on a sharded database must pin one shard",
+            ErrorCode.CROSS_SHARD_BATCH,
         )
     chosen = {t.shard.index for r in routes for t in r.targets}
     if len(chosen) != 1:
         raise bad_plan(
             f"a batch is one transaction on one shard; these plans touch shards {sorted(chosen)}",
-            "cross_shard_batch",
+            ErrorCode.CROSS_SHARD_BATCH,
         )
     return routes[0].targets[0].shard
 
@@ -171,7 +172,7 @@ def _shard_indexes(db: Database, plan: Plan, pinned: int | None) -> list[int] | 
     """The shard indexes a plan targets; None: every shard, for want of a key."""
     if not db.sharded:
         if plan.route.shard not in (None, ALL_SHARDS, 0):
-            raise bad_plan(f"database {db.name!r} is not sharded", "not_sharded")
+            raise bad_plan(f"database {db.name!r} is not sharded", ErrorCode.NOT_SHARDED)
         return [0]
     if pinned is not None and plan.route.shard is None:
         if isinstance(plan, Insert):
@@ -187,7 +188,7 @@ def _check_rows_belong(db: Database, plan: Insert, index: int) -> None:
         raise bad_plan(
             f"rows whose {db.shard_fn.key!r} belongs to other shards cannot be inserted "
             f"into {db.shards[index].name!r}",
-            "wrong_shard",
+            ErrorCode.WRONG_SHARD,
         )
 
 
@@ -201,7 +202,7 @@ def _insert_targets(db: Database, plan: Insert, chosen: list[int]) -> tuple[Targ
         raise bad_plan(
             f"rows whose {db.shard_fn.key!r} belongs to other shards cannot be inserted "
             f"into {db.shards[index].name!r}",
-            "wrong_shard",
+            ErrorCode.WRONG_SHARD,
         )
     if len(groups) == 1:
         return (Target(db.shards[next(iter(groups))], plan),)
@@ -234,4 +235,6 @@ def _positions(db: Database, token: str | None) -> dict[str, int]:
     try:
         return parse_token(token)
     except ValueError:
-        raise bad_plan(f"route.after is not a consistency token: {token!r}", "bad_token") from None
+        raise bad_plan(
+            f"route.after is not a consistency token: {token!r}", ErrorCode.BAD_TOKEN
+        ) from None

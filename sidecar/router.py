@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
+from wire.errors import ErrorCode
+
 from .errors import SidecarError
 from .topology import Database, Node, Shard
 
@@ -49,10 +51,8 @@ class Router:
             self.count(db, "refused")
             names = ", ".join(n.name for n in primaries)
             raise SidecarError(
-                503,
-                "split_brain",
+                ErrorCode.SPLIT_BRAIN,
                 f"{where}: {names} all report being primary; writes wait until one remains",
-                retryable=True,
             )
         if primaries:
             node = primaries[0]
@@ -60,16 +60,12 @@ class Router:
             node = shard.primary
             if node is None or not node.up or node.in_recovery is not None:
                 self.count(db, "refused")
-                raise SidecarError(
-                    503, "no_primary", f"{where} has no reachable primary", retryable=True
-                )
+                raise SidecarError(ErrorCode.NO_PRIMARY, f"{where} has no reachable primary")
         if node.fenced:
             self.count(db, "refused")
             raise SidecarError(
-                503,
-                "no_primary",
+                ErrorCode.NO_PRIMARY,
                 f"{where}: {node.name} came back as primary after a failover and is not trusted",
-                retryable=True,
             )
         return node
 
@@ -128,10 +124,8 @@ class Router:
             if not cfg.fallback_to_primary:
                 self.count(db, "refused")
                 raise SidecarError(
-                    503,
-                    "no_replica_available",
+                    ErrorCode.NO_REPLICA_AVAILABLE,
                     f"no healthy replica of {shard.name or db.name} within the lag bound",
-                    retryable=True,
                 )
             return Choice(self.primary_for_read(db, shard), "primary", "fallback_primary")
         return Choice(self._pick(cfg.replica_strategy, shard, candidates), "replica", "replica")

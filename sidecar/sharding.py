@@ -15,6 +15,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any
 
+from wire.errors import ErrorCode
 from wire.protocol import ALL_SHARDS, Insert, Plan, Raw
 
 from . import plancheck
@@ -39,7 +40,9 @@ class ShardFunction:
 
     def shard_of(self, key: Any) -> int:
         if key is None:
-            raise bad_plan(f"the shard key {self.key!r} must not be null", "shard_key_required")
+            raise bad_plan(
+                f"the shard key {self.key!r} must not be null", ErrorCode.SHARD_KEY_REQUIRED
+            )
         fn = self.function
         if fn == "modulo":
             if not isinstance(key, int) or isinstance(key, bool):
@@ -56,7 +59,9 @@ class ShardFunction:
                 ) from None
         found = self._map.get(str(key), self._default)
         if found is None:
-            raise bad_plan(f"no shard is mapped for {self.key}={key!r}", "shard_key_unmapped")
+            raise bad_plan(
+                f"no shard is mapped for {self.key}={key!r}", ErrorCode.SHARD_KEY_UNMAPPED
+            )
         return found
 
 
@@ -91,7 +96,7 @@ def explicit_shard(shard: str | int, names: Sequence[str]) -> int:
             return shard
     elif shard in names:
         return names.index(shard)
-    raise SidecarError(404, "unknown_shard", f"no shard {shard!r}; shards are {list(names)}")
+    raise SidecarError(ErrorCode.UNKNOWN_SHARD, f"no shard {shard!r}; shards are {list(names)}")
 
 
 def target_shards(plan: Plan, fn: ShardFunction, names: Sequence[str]) -> list[int] | None:
@@ -104,7 +109,7 @@ def target_shards(plan: Plan, fn: ShardFunction, names: Sequence[str]) -> list[i
     if isinstance(plan, Raw):
         raise bad_plan(
             "a raw plan on a sharded database needs route.shard: a shard name or '*'",
-            "shard_required",
+            ErrorCode.SHARD_REQUIRED,
         )
     if isinstance(plan, Insert):
         return sorted({fn.shard_of(_row_key(row, fn.key)) for row in plan.rows})
@@ -118,7 +123,7 @@ def _row_key(row: dict[str, Any], key: str) -> Any:
     if key not in row:
         raise bad_plan(
             f"every inserted row needs the shard key {key!r} (client.ids can generate one)",
-            "shard_key_required",
+            ErrorCode.SHARD_KEY_REQUIRED,
         )
     return plancheck.value(row[key])
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from wire.errors import ErrorCode
 from wire.protocol import Plan, Result
 
 from . import runner, sharding
@@ -77,7 +78,7 @@ _FINISHED = (TxState.COMMITTED, TxState.ROLLED_BACK)
 
 def _unknown() -> SidecarError:
     return SidecarError(
-        404, "unknown_transaction", "no such transaction (finished, or idle too long)"
+        ErrorCode.UNKNOWN_TRANSACTION, "no such transaction (finished, or idle too long)"
     )
 
 
@@ -121,11 +122,9 @@ class Transactions:
 
     async def begin(self, rt: Runtime, database: str, shard: str | int | None) -> str:
         if not self.accepting:
-            raise SidecarError(503, "draining", "the sidecar is shutting down", retryable=True)
+            raise SidecarError(ErrorCode.DRAINING, "the sidecar is shutting down")
         if len(self.open) >= self.settings.max_open:
-            raise SidecarError(
-                503, "too_many_transactions", "too many open transactions", retryable=True
-            )
+            raise SidecarError(ErrorCode.TOO_MANY_TRANSACTIONS, "too many open transactions")
         db, pinned = route_database(rt.topology, database)
         if not db.sharded:
             target: Shard | None = db.shards[0]
@@ -145,11 +144,9 @@ class Transactions:
         limit = pool_share(pool, self.settings.max_pool_share)
         if self._held.get(id(node), 0) >= limit:
             raise SidecarError(
-                503,
-                "too_many_transactions",
+                ErrorCode.TOO_MANY_TRANSACTIONS,
                 f"{limit} interactive transactions already hold connections to {node.name} "
                 "(transactions.max_pool_share); commit or roll back one, or retry",
-                retryable=True,
             )
         rt.router.count(tx.db, "primary")
         conn = await acquire(node, pool.acquire_timeout)
@@ -175,8 +172,7 @@ class Transactions:
         """Refuse work on a transaction that failed or finished while the caller waited."""
         if tx.state is TxState.FAILED:
             raise SidecarError(
-                409,
-                "transaction_aborted",
+                ErrorCode.TRANSACTION_ABORTED,
                 f"the transaction failed earlier ({tx.failure}); only rollback is possible",
             )
         if tx.state in _FINISHED:
@@ -214,11 +210,9 @@ class Transactions:
                 self._finish(tx, TxState.ROLLED_BACK)
                 await self._release(tx, broken=True)
                 raise SidecarError(
-                    503,
-                    "transaction_lost",
+                    ErrorCode.TRANSACTION_LOST,
                     f"the connection to {node.name} failed; the transaction was rolled back "
                     "and nothing of it committed",
-                    retryable=True,
                 ) from exc
             error = from_exception(exc, writes=True)
             if isinstance(exc, asyncpg.PostgresError):
@@ -241,8 +235,7 @@ class Transactions:
                 failure = tx.failure
                 await self._rollback(tx)
                 raise SidecarError(
-                    409,
-                    "transaction_aborted",
+                    ErrorCode.TRANSACTION_ABORTED,
                     f"the transaction failed earlier ({failure}) and was rolled back; "
                     "nothing of it committed",
                 )
@@ -264,8 +257,7 @@ class Transactions:
             self._finish(tx, TxState.ROLLED_BACK)
             await self._release(tx)
             raise SidecarError(
-                409,
-                "transaction_aborted",
+                ErrorCode.TRANSACTION_ABORTED,
                 f"PostgreSQL answered the commit with {status!r}: nothing of it committed",
             )
         self._finish(tx, TxState.COMMITTED)

@@ -13,6 +13,7 @@ import pytest
 
 from sidecar.compiler import Compiler
 from sidecar.errors import SidecarError
+from sidecar.statuses import status_of
 from wire.protocol import Count, Delete, Insert, OrderBy, Select, Update
 
 from .plans import eq, isin, select
@@ -151,7 +152,7 @@ def test_update_and_delete_need_a_where(plan: Update | Delete) -> None:
     with pytest.raises(SidecarError) as raised:
         Compiler().compile(plan)
     assert raised.value.code == "where_required"
-    assert raised.value.status == 400
+    assert status_of(raised.value.code) == 400
 
 
 def test_all_rows_allows_no_where() -> None:

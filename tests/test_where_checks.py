@@ -11,6 +11,7 @@ import pytest
 
 from sidecar.compiler import Compiler
 from sidecar.errors import SidecarError
+from sidecar.statuses import status_of
 from wire.protocol import Count, Delete, Insert, Update
 
 from .plans import eq, isin, select
@@ -97,7 +98,7 @@ def test_spellings_of_one_condition_share_one_shape() -> None:
 def test_malformed_where_nodes(where: Any, code: str) -> None:
     with pytest.raises(SidecarError) as raised:
         Compiler().compile(Count(database="orders", table="orders", where=where))
-    assert (raised.value.status, raised.value.code) == (400, code)
+    assert (status_of(raised.value.code), raised.value.code) == (400, code)
 
 
 def test_list_values_are_bounded_before_decoding() -> None:
