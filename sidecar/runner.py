@@ -5,8 +5,8 @@ shard's primary for a write, the router's choice for a read), runs the compiled
 statement there through the executor, counts it, logs it when slow (its shape, never
 its values) and, for a read whose node failed or had no free connection, tries once
 more on another eligible node. A write is never retried: it may have committed.
-Interactive transactions use :func:`observed` around the statements they run on the
-connection they hold.
+Interactive transactions hold a connection through :class:`Held`, whose statements
+the runner observes the same way.
 """
 
 from __future__ import annotations
@@ -16,12 +16,25 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+import asyncpg
+
+from wire.errors import ErrorCode
 from wire.protocol import Plan, Raw
 
 from . import metrics
 from .compiler import Compiled
-from .errors import SidecarError
-from .executor import Outcome, execute
+from .errors import SidecarError, connection_lost, from_exception, is_closed
+from .executor import (
+    LSN_SQL,
+    Outcome,
+    acquire,
+    deadline,
+    execute,
+    failed,
+    make_outcome,
+    release,
+    run_statement,
+)
 from .route import REFUSALS, Intent, Route, Target, route
 from .runtime import Runtime
 from .topology import Database, Node, Shard
@@ -140,3 +153,110 @@ async def observed(
                     "outcome": outcome,
                 },
             )
+
+
+class Held:
+    """A shard primary's connection held across requests, inside BEGIN .. COMMIT: what an
+    interactive transaction runs on. Every way out (commit, rollback, a lost connection)
+    gives the connection back; :attr:`open` says whether it is still held."""
+
+    def __init__(self, db: Database, shard: Shard, node: Node, conn: asyncpg.Connection) -> None:
+        self.db, self.shard, self.node, self._conn = db, shard, node, conn
+        self._limit = deadline(db.settings.pool)
+
+    @property
+    def open(self) -> bool:
+        return self._conn is not None
+
+    @classmethod
+    async def begin(cls, rt: Runtime, db: Database, shard: Shard) -> Held:
+        node = rt.router.writer(db, shard)
+        rt.router.count(db, "primary")
+        conn = await acquire(node, db.settings.pool.acquire_timeout)
+        conn.mark_dirty()  # whatever runs inside may leave session state
+        held = cls(db, shard, node, conn)
+        try:
+            await conn.execute("BEGIN", timeout=held._limit)
+        except Exception as exc:
+            lost = connection_lost(exc, conn)
+            await held._give_back(broken=lost)
+            raise from_exception(exc, writes=False, conn=conn) from exc
+        return held
+
+    async def run(self, rt: Runtime, plan: Plan, compiled: Compiled) -> Outcome:
+        """One statement of the transaction. A PostgreSQL error comes back with its
+        ``sqlstate`` (the transaction is aborted then); a lost connection answers
+        ``transaction_lost``: the server rolled everything back."""
+        return await observed(
+            rt, self.db, self.shard, self.node, "primary", plan, self._run(compiled)
+        )
+
+    async def _run(self, compiled: Compiled) -> Outcome:
+        conn = self._conn
+        assert conn is not None
+        try:
+            parts = await run_statement(conn, compiled, self._limit)
+        except Exception as exc:
+            if connection_lost(exc, conn):
+                failed(self.node, conn, exc)
+                await self._give_back(broken=True)
+                raise SidecarError(
+                    ErrorCode.TRANSACTION_LOST,
+                    f"the connection to {self.node.name} failed; the transaction was rolled "
+                    "back and nothing of it committed",
+                ) from exc
+            raise from_exception(exc, writes=True) from exc
+        return make_outcome(parts, self.node, "primary", self.shard.name)
+
+    async def commit(self) -> str | None:
+        """COMMIT, then the WAL position to hand back as a consistency token (None when
+        it could not be read: committed all the same)."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            status = await conn.execute("COMMIT", timeout=self._limit)
+        except Exception as exc:
+            # Broken during COMMIT: it may or may not have committed. A PostgreSQL error
+            # (a deferred constraint, a serialization failure) means it rolled back.
+            await self._give_back(broken=connection_lost(exc, conn))
+            raise from_exception(exc, writes=True, conn=conn) from exc
+        if status != "COMMIT":
+            # PostgreSQL ends an aborted transaction's COMMIT with a rollback.
+            await self._give_back()
+            raise SidecarError(
+                ErrorCode.TRANSACTION_ABORTED,
+                f"PostgreSQL answered the commit with {status!r}: nothing of it committed",
+            )
+        lsn: str | None = None
+        try:
+            lsn = await conn.fetchval(LSN_SQL, timeout=self._limit)
+        except Exception as exc:
+            log.warning("committed, but reading the WAL position failed: %s", exc)
+        await self._give_back(broken=lsn is None)
+        return lsn
+
+    async def rollback(self) -> None:
+        """ROLLBACK; a connection that cannot is closed instead (the server rolls back)."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            await conn.execute("ROLLBACK", timeout=self._limit)
+        except Exception:
+            await self._give_back(broken=True)
+        else:
+            await self._give_back()
+
+    def abandon(self) -> None:
+        """Close the connection under a statement still running (shutdown after the drain)."""
+        if self._conn is not None and not is_closed(self._conn):
+            self._conn.terminate()
+
+    async def _give_back(self, broken: bool = False) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if broken and not is_closed(conn):
+            conn.terminate()
+        if self.node.pool is not None:
+            await release(self.node, conn, self.db.settings.pool.acquire_timeout)

@@ -32,24 +32,12 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-import asyncpg
-
 from wire.errors import ErrorCode
 from wire.protocol import Plan, Result
 
 from . import runner, sharding
-from .compiler import Compiled
-from .errors import SidecarError, bad_plan, connection_lost, from_exception, is_closed
-from .executor import (
-    LSN_SQL,
-    Outcome,
-    acquire,
-    deadline,
-    make_outcome,
-    release,
-    run_statement,
-    to_result,
-)
+from .errors import SidecarError, bad_plan
+from .executor import to_result
 from .route import database as route_database
 from .runtime import Runtime
 from .settings import PoolSettings, TransactionSettings
@@ -88,8 +76,8 @@ class OpenTransaction:
     db: Database
     shard: Shard | None
     state: TxState = TxState.NEW
-    node: Node | None = None
-    conn: asyncpg.Connection | None = None
+    # The connection, from the first plan (or a pinned begin) to the end.
+    held: runner.Held | None = None
     # Why a FAILED transaction failed, for the errors that refuse what comes after.
     failure: str | None = None
     last_used: float = field(default_factory=time.monotonic)
@@ -140,25 +128,20 @@ class Transactions:
 
     async def _connect(self, rt: Runtime, tx: OpenTransaction, shard: Shard) -> None:
         node = rt.router.writer(tx.db, shard)
-        pool = tx.db.settings.pool
-        limit = pool_share(pool, self.settings.max_pool_share)
+        limit = pool_share(tx.db.settings.pool, self.settings.max_pool_share)
         if self._held.get(id(node), 0) >= limit:
             raise SidecarError(
                 ErrorCode.TOO_MANY_TRANSACTIONS,
                 f"{limit} interactive transactions already hold connections to {node.name} "
                 "(transactions.max_pool_share); commit or roll back one, or retry",
             )
-        rt.router.count(tx.db, "primary")
-        conn = await acquire(node, pool.acquire_timeout)
         self._held[id(node)] = self._held.get(id(node), 0) + 1
-        conn.mark_dirty()  # whatever runs inside may leave session state
-        tx.shard, tx.node, tx.conn = shard, node, conn
         try:
-            await conn.execute("BEGIN", timeout=deadline(pool))
-        except Exception as exc:
-            self._finish(tx, TxState.ROLLED_BACK)
-            await self._release(tx, broken=connection_lost(exc, conn))
-            raise from_exception(exc, writes=False, conn=conn) from exc
+            tx.held = await runner.Held.begin(rt, tx.db, shard)
+        except Exception:
+            self._let_go(node)
+            raise
+        tx.shard = shard
         tx.move(TxState.STARTED)
 
     def _get(self, tx_id: str) -> OpenTransaction:
@@ -190,38 +173,19 @@ class Transactions:
             compiled = rt.compiler.compile(plan)
             if tx.state is TxState.NEW:
                 await self._connect(rt, tx, shard)
-            assert tx.node is not None
-            outcome = await runner.observed(
-                rt, r.db, shard, tx.node, "primary", plan, self._statement(tx, compiled)
-            )
+            assert tx.held is not None
+            try:
+                outcome = await tx.held.run(rt, plan, compiled)
+            except SidecarError as error:
+                if not tx.held.open:
+                    self._finish(tx, TxState.ROLLED_BACK)  # the connection is gone
+                elif error.sqlstate is not None:
+                    # PostgreSQL aborted the transaction: it can only roll back now.
+                    tx.failure = f"{error.code}: {error.message}"
+                    tx.move(TxState.FAILED)
+                raise
             tx.last_used = time.monotonic()
             return to_result(outcome)
-
-    async def _statement(self, tx: OpenTransaction, compiled: Compiled) -> Outcome:
-        conn, node = tx.conn, tx.node
-        assert conn is not None and node is not None
-        try:
-            parts = await run_statement(conn, compiled, deadline(tx.db.settings.pool))
-        except Exception as exc:
-            if connection_lost(exc, conn):
-                # The server rolls back a transaction whose connection is gone: nothing of
-                # it committed, so the outcome is known.
-                node.mark(False, str(exc))
-                self._finish(tx, TxState.ROLLED_BACK)
-                await self._release(tx, broken=True)
-                raise SidecarError(
-                    ErrorCode.TRANSACTION_LOST,
-                    f"the connection to {node.name} failed; the transaction was rolled back "
-                    "and nothing of it committed",
-                ) from exc
-            error = from_exception(exc, writes=True)
-            if isinstance(exc, asyncpg.PostgresError):
-                # PostgreSQL aborted the transaction: it can only roll back now.
-                tx.failure = f"{error.code}: {error.message}"
-                tx.move(TxState.FAILED)
-            raise error from exc
-        shard_name = tx.shard.name if tx.shard else None
-        return make_outcome(parts, node, "primary", shard_name)
 
     async def commit(self, tx_id: str) -> str | None:
         tx = self._get(tx_id)
@@ -242,32 +206,13 @@ class Transactions:
             return await self._commit(tx)
 
     async def _commit(self, tx: OpenTransaction) -> str | None:
-        conn = tx.conn
-        assert conn is not None and tx.shard is not None
-        limit = deadline(tx.db.settings.pool)
+        assert tx.held is not None and tx.shard is not None
         try:
-            status = await conn.execute("COMMIT", timeout=limit)
-        except Exception as exc:
-            # Broken during COMMIT: it may or may not have committed. A PostgreSQL error
-            # (a deferred constraint, a serialization failure) means it rolled back.
+            lsn = await tx.held.commit()
+        except SidecarError:
             self._finish(tx, TxState.ROLLED_BACK)
-            await self._release(tx, broken=connection_lost(exc, conn))
-            raise from_exception(exc, writes=True, conn=conn) from exc
-        if status != "COMMIT":
-            self._finish(tx, TxState.ROLLED_BACK)
-            await self._release(tx)
-            raise SidecarError(
-                ErrorCode.TRANSACTION_ABORTED,
-                f"PostgreSQL answered the commit with {status!r}: nothing of it committed",
-            )
+            raise
         self._finish(tx, TxState.COMMITTED)
-        lsn: str | None = None
-        try:
-            lsn = await conn.fetchval(LSN_SQL, timeout=limit)
-        except Exception as exc:
-            # Committed all the same; only the read-your-writes token is missing.
-            log.warning("committed, but reading the WAL position failed: %s", exc)
-        await self._release(tx, broken=lsn is None)
         if lsn is None or not tx.db.sharded:
             return lsn
         return f"{tx.shard.name}@{lsn}" if tx.shard.name else lsn
@@ -280,33 +225,22 @@ class Transactions:
             await self._rollback(tx)
 
     async def _rollback(self, tx: OpenTransaction) -> None:
-        """Roll back under the transaction's lock; a connection that cannot is closed."""
+        """Roll back under the transaction's lock."""
         self._finish(tx, TxState.ROLLED_BACK)
-        conn = tx.conn
-        broken = False
-        if conn is not None:
-            try:
-                await conn.execute("ROLLBACK", timeout=deadline(tx.db.settings.pool))
-            except Exception:
-                broken = True
-        await self._release(tx, broken=broken)
+        if tx.held is not None:
+            await tx.held.rollback()
 
     def _finish(self, tx: OpenTransaction, to: TxState) -> None:
         tx.move(to)
         self.open.pop(tx.id, None)
+        if tx.held is not None:
+            self._let_go(tx.held.node)
 
-    async def _release(self, tx: OpenTransaction, broken: bool = False) -> None:
-        conn, node = tx.conn, tx.node
-        tx.conn = None
-        if conn is None or node is None:
-            return
+    def _let_go(self, node: Node) -> None:
+        """One connection fewer held by transactions on this node."""
         self._held[id(node)] -= 1
         if not self._held[id(node)]:
             del self._held[id(node)]
-        if broken and not is_closed(conn):
-            conn.terminate()
-        if node.pool is not None:
-            await release(node, conn, tx.db.settings.pool.acquire_timeout)
 
     async def _reap(self) -> None:
         while True:
@@ -330,8 +264,8 @@ class Transactions:
                 await self._reaper
         for tx in list(self.open.values()):
             if tx.lock.locked():
-                if tx.conn is not None and not is_closed(tx.conn):
-                    tx.conn.terminate()
+                if tx.held is not None:
+                    tx.held.abandon()
                 continue
             async with tx.lock:
                 if tx.state not in _FINISHED:
