@@ -79,8 +79,8 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
     """Run the sidecar until a signal asks it to stop; returns the exit code."""
     began = time.monotonic()
     settings = config.current
-    prober = Prober(settings.health)
-    transactions = Transactions(settings.transactions)
+    prober = Prober(lambda: state.runtime.settings.health)
+    transactions = Transactions(lambda: state.runtime.settings.transactions)
     state = SidecarState(Runtime.first(settings, Topology({}, {})), prober, transactions, config)
     collector = gauges.StateCollector(lambda: state)
     metrics.registry.register(collector)

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import asyncpg
 
@@ -35,7 +35,8 @@ PROBE_SQL = (
 class Prober:
     """One probe task per node; nodes come and go with configuration reloads."""
 
-    def __init__(self, settings: HealthSettings) -> None:
+    def __init__(self, settings: Callable[[], HealthSettings]) -> None:
+        # Read on every round: a reload publishes new health settings in the runtime.
         self.settings = settings
         self._tasks: dict[Node, asyncio.Task[None]] = {}
 
@@ -53,7 +54,7 @@ class Prober:
                 self._run(node, first), name=f"probe {node.name}"
             )
         if firsts:
-            await asyncio.wait(firsts, timeout=self.settings.timeout * 2)
+            await asyncio.wait(firsts, timeout=self.settings().timeout * 2)
 
     async def forget(self, nodes: Sequence[Node]) -> None:
         tasks = [t for n in nodes if (t := self._tasks.pop(n, None)) is not None]
@@ -72,7 +73,7 @@ class Prober:
         try:
             while True:
                 # Read every round: a configuration reload swaps the health settings.
-                cfg = self.settings
+                cfg = self.settings()
                 started = time.monotonic()
                 error: str | None = None
                 try:

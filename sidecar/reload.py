@@ -39,7 +39,6 @@ from .settings import (
     read_document,
 )
 from .topology import CatalogNode, Node, Topology, build, close_pools, open_pools
-from .transactions import Transactions
 
 
 class Host(Protocol):
@@ -49,7 +48,6 @@ class Host(Protocol):
     runtime: Runtime
     started: bool
     prober: Prober
-    transactions: Transactions
 
     @property
     def topology(self) -> Topology: ...
@@ -294,8 +292,6 @@ class ConfigManager:
         assert state is not None
         self.current = settings
         state.runtime = state.runtime.renewed(settings, topology)
-        state.prober.settings = settings.health
-        state.transactions.settings = settings.transactions
 
     async def _retire(self, old: Topology, removed: list[Node]) -> None:
         assert self.state is not None

@@ -30,6 +30,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wire.errors import ErrorCode
@@ -97,7 +98,8 @@ def pool_share(pool: PoolSettings, share: float) -> int:
 
 
 class Transactions:
-    def __init__(self, settings: TransactionSettings) -> None:
+    def __init__(self, settings: Callable[[], TransactionSettings]) -> None:
+        # Read when needed: a reload publishes new settings in the runtime.
         self.settings = settings
         self.open: dict[str, OpenTransaction] = {}
         self.accepting = True
@@ -111,7 +113,7 @@ class Transactions:
     async def begin(self, rt: Runtime, database: str, shard: str | int | None) -> str:
         if not self.accepting:
             raise SidecarError(ErrorCode.DRAINING, "the sidecar is shutting down")
-        if len(self.open) >= self.settings.max_open:
+        if len(self.open) >= rt.settings.transactions.max_open:
             raise SidecarError(ErrorCode.TOO_MANY_TRANSACTIONS, "too many open transactions")
         db, pinned = route_database(rt.topology, database)
         if not db.sharded:
@@ -128,7 +130,7 @@ class Transactions:
 
     async def _connect(self, rt: Runtime, tx: OpenTransaction, shard: Shard) -> None:
         node = rt.router.writer(tx.db, shard)
-        limit = pool_share(tx.db.settings.pool, self.settings.max_pool_share)
+        limit = pool_share(tx.db.settings.pool, rt.settings.transactions.max_pool_share)
         if self._held.get(id(node), 0) >= limit:
             raise SidecarError(
                 ErrorCode.TOO_MANY_TRANSACTIONS,
@@ -244,12 +246,12 @@ class Transactions:
 
     async def _reap(self) -> None:
         while True:
-            await asyncio.sleep(min(1.0, self.settings.idle_timeout / 4))
+            await asyncio.sleep(min(1.0, self.settings().idle_timeout / 4))
             for tx in list(self.open.values()):
                 if tx.lock.locked():
                     continue
                 async with tx.lock:
-                    idle = time.monotonic() - tx.last_used >= self.settings.idle_timeout
+                    idle = time.monotonic() - tx.last_used >= self.settings().idle_timeout
                     if idle and tx.state not in _FINISHED:
                         log.warning("rolling back transaction %s idle for too long", tx.id[:8])
                         await self._rollback(tx)
