@@ -267,7 +267,7 @@ def _seed_shape(name: str, entry: Any) -> Any:
     entry = dict(entry)
     driver = entry.pop("driver", "postgresql")
     if driver not in ("postgresql", "postgres"):
-        raise ConfigError(f"databases.{name}.driver: only postgresql is supported")
+        raise ConfigError(f"databases.{name}.driver: only postgresql is supported, not {driver!r}")
     if "write" in entry:
         if "primary" in entry:
             raise ConfigError(f"databases.{name}: give either 'write' or 'primary', not both")
