@@ -14,6 +14,7 @@ moves to the back once.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,8 +64,25 @@ class Statement:
 
 @dataclass(slots=True)
 class Compiled:
+    """A checked plan: its SQL, its decoded values, and its shape (what routing reads the
+    shard key from, so values are checked and decoded once)."""
+
     statement: Statement
     params: list[Any]
+    shape: Shape = ()
+
+    def where(self) -> tuple[Shape | None, int]:
+        """The normalized where shape (None: no condition) and the index of its first
+        value in ``params``; for plans without one (insert, raw), (None, 0)."""
+        kind = self.shape[0] if self.shape else None
+        if kind in ("select", "update"):
+            at = len(self.shape[2]) if kind == "update" else 0
+            return self.shape[3], at
+        if kind in ("count", "delete"):
+            return self.shape[2], 0
+        if kind == "aggregate":
+            return self.shape[4], 0
+        return None, 0
 
 
 @dataclass
@@ -92,6 +110,18 @@ class Compiler:
         key = self._shape(plan, params)
         if len(params) > MAX_PARAMS:
             raise plancheck.too_many_params()
+        return Compiled(self._statement(key), params, key)
+
+    def insert_part(self, compiled: Compiled, rows: Sequence[int]) -> Compiled:
+        """The insert of some of a checked insert's rows (one shard's), from the values
+        already decoded."""
+        kind, table, cols, _, returning = compiled.shape
+        width = len(cols)
+        params = [v for r in rows for v in compiled.params[r * width : (r + 1) * width]]
+        key = (kind, table, cols, len(rows), returning)
+        return Compiled(self._statement(key), params, key)
+
+    def _statement(self, key: Shape) -> Statement:
         stmt = self._cache.get(key)
         if stmt is None:
             self.misses += 1
@@ -102,7 +132,7 @@ class Compiler:
         else:
             self.hits += 1
             stmt.used = True
-        return Compiled(stmt, params)
+        return stmt
 
     def _store(self, key: Shape, stmt: Statement) -> None:
         if stmt.size > self.cache_bytes:

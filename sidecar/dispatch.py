@@ -35,35 +35,34 @@ def _token(db: Database, outcomes: Sequence[Outcome]) -> str | None:
 async def run(rt: Runtime, plan: Plan) -> Result:
     rt.topology.enter()
     try:
-        return await _run(rt, runner.routed(rt, plan))
+        checked = rt.compiler.compile(plan)  # values checked and decoded, once
+        return await _run(rt, runner.routed(rt, plan, checked), checked)
     finally:
         rt.topology.leave()
 
 
-async def _run(rt: Runtime, r: Route) -> Result:
+async def _run(rt: Runtime, r: Route, checked: Compiled) -> Result:
     if r.merge is Merge.NONE:
-        target = r.targets[0]
-        outcomes = await runner.run_target(rt, r, target, rt.compiler.compile(target.plan))
+        outcomes = await runner.run_target(rt, r, r.targets[0], checked)
         return to_result(outcomes[0], _token(r.db, outcomes))
     if r.merge is Merge.INSERT:
-        return await _sharded_insert(rt, r)
+        return await _sharded_insert(rt, r, checked)
     if r.writes:
-        return await _on_every_shard(rt, r)
+        return await _on_every_shard(rt, r, checked)
     rt.router.count(r.db, "scatter")
-    return await _scatter(rt, r)
+    return await _scatter(rt, r, checked)
 
 
-async def _gather(rt: Runtime, r: Route, plan: Plan, count: bool) -> list[Outcome]:
-    """One plan, compiled once, on every target shard at once."""
-    compiled = rt.compiler.compile(plan)
+async def _gather(rt: Runtime, r: Route, compiled: Compiled, count: bool) -> list[Outcome]:
+    """One statement on every target shard at once."""
     groups = await asyncio.gather(
         *(runner.run_target(rt, r, t, compiled, count=count) for t in r.targets)
     )
     return [o for group in groups for o in group]
 
 
-async def _on_every_shard(rt: Runtime, r: Route) -> Result:
-    flat = await _gather(rt, r, r.targets[0].plan, count=True)
+async def _on_every_shard(rt: Runtime, r: Route, checked: Compiled) -> Result:
+    flat = await _gather(rt, r, checked, count=True)
     return Result(
         columns=flat[0].columns,
         types=flat[0].kinds,
@@ -74,7 +73,7 @@ async def _on_every_shard(rt: Runtime, r: Route) -> Result:
     )
 
 
-async def _scatter(rt: Runtime, r: Route) -> Result:
+async def _scatter(rt: Runtime, r: Route, checked: Compiled) -> Result:
     plan = r.targets[0].plan
 
     async def ask(sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
@@ -86,20 +85,22 @@ async def _scatter(rt: Runtime, r: Route) -> Result:
     if r.merge is Merge.SELECT:
         assert isinstance(plan, Select)
         shard_plan, extra = merge.shard_select(plan)
-        served = await _gather(rt, r, shard_plan, count=False)
+        # Each shard also returns the order columns: a plan of its own (values decoded
+        # again: the one place a plan is checked twice).
+        served = await _gather(rt, r, rt.compiler.compile(shard_plan), count=False)
         columns, rows = await merge.merge_select(plan, served, extra, ask)
         kinds = served[0].kinds[: len(columns)]
     elif r.merge is Merge.COUNT:
-        served = await _gather(rt, r, plan, count=False)
+        served = await _gather(rt, r, checked, count=False)
         columns, kinds = ["count"], [None]
         rows = [(sum(o.rows[0][0] for o in served),)]
     elif r.merge is Merge.AGGREGATE:
         assert isinstance(plan, AggregateQuery)
-        served = await _gather(rt, r, merge.shard_aggregate(plan), count=False)
+        served = await _gather(rt, r, rt.compiler.compile(merge.shard_aggregate(plan)), count=False)
         columns, kinds, rows = await merge.merge_aggregate(plan, served, ask)
     else:
         # A raw read on every shard: the rows of all shards, in shard order.
-        served = await _gather(rt, r, plan, count=False)
+        served = await _gather(rt, r, checked, count=False)
         columns, kinds = served[0].columns, served[0].kinds
         rows = [row for o in served for row in o.rows]
     return Result(
@@ -111,21 +112,20 @@ async def _scatter(rt: Runtime, r: Route) -> Result:
     )
 
 
-async def _sharded_insert(rt: Runtime, r: Route) -> Result:
-    """Rows split by shard, one insert (one transaction) per shard, at once."""
+async def _sharded_insert(rt: Runtime, r: Route, checked: Compiled) -> Result:
+    """Rows split by shard, one insert (one transaction) per shard, at once; each shard's
+    statement is built from the values already decoded."""
     results = await asyncio.gather(
-        *(runner.run_target(rt, r, t, rt.compiler.compile(t.plan)) for t in r.targets)
+        *(runner.run_target(rt, r, t, rt.compiler.insert_part(checked, t.rows)) for t in r.targets)
     )
     outcomes = [group[0] for group in results]
     rows: list[list[object]] = []
     if getattr(r.plan, "returning", None) is not None:
-        # Hand RETURNING rows back in the order the caller gave the rows: the targets
-        # hold the caller's row objects themselves, so identity gives each one's place.
-        order = {id(row): i for i, row in enumerate(_rows(r.plan))}
+        # Hand RETURNING rows back in the order the caller gave the rows.
         indexed = sorted(
-            (order[id(src)], list(ret))
+            (index, list(ret))
             for t, outcome in zip(r.targets, outcomes, strict=True)
-            for src, ret in zip(_rows(t.plan), outcome.rows, strict=True)
+            for index, ret in zip(t.rows, outcome.rows, strict=True)
         )
         rows = [row for _, row in indexed]
     return Result(
@@ -136,10 +136,6 @@ async def _sharded_insert(rt: Runtime, r: Route) -> Result:
         lsn=_token(r.db, outcomes),
         served_by=[o.served_by() for o in outcomes],
     )
-
-
-def _rows(plan: Plan) -> list[dict[str, Any]]:
-    return plan.rows  # type: ignore[union-attr,no-any-return]
 
 
 async def run_batch(rt: Runtime, plans: Sequence[Plan]) -> BatchResult:
@@ -159,7 +155,14 @@ async def _run_batch(rt: Runtime, plans: Sequence[Plan]) -> BatchResult:
         raise bad_plan(f"a batch holds at most {limit} plans")
     for plan in plans:
         database(rt.topology, plan.database)  # an unknown database is a 404 before all else
-    routes = [runner.routed(rt, plan) for plan in plans]
+    compiled = []
+    for i, plan in enumerate(plans):
+        try:
+            compiled.append(rt.compiler.compile(plan))
+        except SidecarError as exc:
+            exc.index = i
+            raise
+    routes = [runner.routed(rt, p, c) for p, c in zip(plans, compiled, strict=True)]
     try:
         shard = batch_shard(routes)
     except SidecarError as exc:
@@ -169,13 +172,6 @@ async def _run_batch(rt: Runtime, plans: Sequence[Plan]) -> BatchResult:
     db = routes[0].db
     node = rt.router.writer(db, shard)
     rt.router.count(db, "primary")
-    compiled = []
-    for i, plan in enumerate(plans):
-        try:
-            compiled.append(rt.compiler.compile(plan))
-        except SidecarError as exc:
-            exc.index = i
-            raise
     metrics.batch_size.observe(len(plans))
     statements = execute(
         node, "primary", shard.name, compiled, writes=True, transaction=True, pool=db.settings.pool

@@ -19,9 +19,10 @@ import msgspec
 
 from wire.consistency import parse_token
 from wire.errors import ErrorCode
-from wire.protocol import ALL_SHARDS, AggregateQuery, Count, Insert, Plan, Select, plan_writes
+from wire.protocol import ALL_SHARDS, AggregateQuery, Count, Insert, Plan, Raw, Select, plan_writes
 
 from . import sharding
+from .compiler import Compiled
 from .errors import SidecarError, bad_plan
 from .topology import Database, Shard, Topology
 
@@ -59,6 +60,8 @@ class Target:
     plan: Plan
     # A WAL position a read must observe on this shard (read-your-writes), if any.
     after: int | None = None
+    # The caller's rows (indexes) this target inserts, when an insert is split by shard.
+    rows: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +90,20 @@ def database(topology: Topology, name: str) -> tuple[Database, int | None]:
 
 
 def route(
-    plan: Plan, topology: Topology, *, transaction: bool = False, bound: Shard | None = None
+    plan: Plan,
+    checked: Compiled,
+    topology: Topology,
+    *,
+    transaction: bool = False,
+    bound: Shard | None = None,
 ) -> Route:
-    """Where ``plan`` runs. In an interactive transaction (``transaction``) a plan runs on
-    one shard, as a write on its primary: ``bound`` is the shard the transaction holds
-    (None until its first plan pins one), and a plan without the key stays there."""
+    """Where ``plan`` runs; ``checked`` is the plan checked and compiled, whose decoded
+    values the shard key is read from. In an interactive transaction (``transaction``) a
+    plan runs on one shard, as a write on its primary: ``bound`` is the shard the
+    transaction holds (None until its first plan pins one), and a plan without the key
+    stays there."""
     db, pinned = database(topology, plan.database)
-    indexes = _shard_indexes(db, plan, pinned)
+    indexes = _shard_indexes(db, plan, checked, pinned)
     if transaction:
         indexes = _transaction_shard(db, plan, indexes, bound)
     writes = plan_writes(plan)
@@ -118,7 +128,7 @@ def route(
     else:
         intent = Intent.READ_PRIMARY
     if isinstance(plan, Insert) and db.sharded:
-        targets = _insert_targets(db, plan, chosen)
+        targets = _insert_targets(db, plan, checked, chosen)
         merge = Merge.NONE if len(targets) == 1 else Merge.INSERT
     else:
         positions = _positions(db, plan.route.after)
@@ -168,35 +178,28 @@ def batch_shard(routes: Sequence[Route]) -> Shard:
     return routes[0].targets[0].shard
 
 
-def _shard_indexes(db: Database, plan: Plan, pinned: int | None) -> list[int] | None:
+def _shard_indexes(
+    db: Database, plan: Plan, checked: Compiled, pinned: int | None
+) -> list[int] | None:
     """The shard indexes a plan targets; None: every shard, for want of a key."""
     if not db.sharded:
         if plan.route.shard not in (None, ALL_SHARDS, 0):
             raise bad_plan(f"database {db.name!r} is not sharded", ErrorCode.NOT_SHARDED)
         return [0]
     if pinned is not None and plan.route.shard is None:
-        if isinstance(plan, Insert):
-            _check_rows_belong(db, plan, pinned)
+        # An insert's rows are checked against the pinned shard with its targets.
         return [pinned]
     assert db.shard_fn is not None
-    return sharding.target_shards(plan, db.shard_fn, db.shard_names)
+    return _target_shards(plan, checked, db.shard_fn, db.shard_names)
 
 
-def _check_rows_belong(db: Database, plan: Insert, index: int) -> None:
+def _insert_targets(
+    db: Database, plan: Insert, checked: Compiled, chosen: list[int]
+) -> tuple[Target, ...]:
     assert db.shard_fn is not None
-    if set(sharding.split_rows(plan, db.shard_fn)) - {index}:
-        raise bad_plan(
-            f"rows whose {db.shard_fn.key!r} belongs to other shards cannot be inserted "
-            f"into {db.shards[index].name!r}",
-            ErrorCode.WRONG_SHARD,
-        )
-
-
-def _insert_targets(db: Database, plan: Insert, chosen: list[int]) -> tuple[Target, ...]:
-    assert db.shard_fn is not None
-    if not plan.rows:
-        raise bad_plan("an insert needs at least one row")
-    groups = sharding.split_rows(plan, db.shard_fn)
+    groups: dict[int, list[int]] = {}
+    for row, shard in enumerate(_row_shards(checked, db.shard_fn)):
+        groups.setdefault(shard, []).append(row)
     if set(groups) - set(chosen):
         index = chosen[0]
         raise bad_plan(
@@ -207,7 +210,12 @@ def _insert_targets(db: Database, plan: Insert, chosen: list[int]) -> tuple[Targ
     if len(groups) == 1:
         return (Target(db.shards[next(iter(groups))], plan),)
     return tuple(
-        Target(db.shards[i], msgspec.structs.replace(plan, rows=rows)) for i, rows in groups.items()
+        Target(
+            db.shards[i],
+            msgspec.structs.replace(plan, rows=[plan.rows[r] for r in rows]),
+            rows=tuple(rows),
+        )
+        for i, rows in groups.items()
     )
 
 
@@ -238,3 +246,38 @@ def _positions(db: Database, token: str | None) -> dict[str, int]:
         raise bad_plan(
             f"route.after is not a consistency token: {token!r}", ErrorCode.BAD_TOKEN
         ) from None
+
+
+def _target_shards(
+    plan: Plan, checked: Compiled, fn: sharding.ShardFunction, names: Sequence[str]
+) -> list[int] | None:
+    """The shard indexes a checked plan must run on; None means every shard."""
+    shard = plan.route.shard
+    if shard == ALL_SHARDS:
+        return None
+    if shard is not None:
+        return [sharding.explicit_shard(shard, names)]
+    if isinstance(plan, Raw):
+        raise bad_plan(
+            "a raw plan on a sharded database needs route.shard: a shard name or '*'",
+            ErrorCode.SHARD_REQUIRED,
+        )
+    if isinstance(plan, Insert):
+        return sorted(set(_row_shards(checked, fn)))
+    where, at = checked.where()
+    keys = sharding.key_values(where, checked.params, at, fn.key)
+    if keys is None:
+        return None
+    return sorted({fn.shard_of(k) for k in keys})
+
+
+def _row_shards(checked: Compiled, fn: sharding.ShardFunction) -> list[int]:
+    """The shard of each row of a checked insert, in row order."""
+    _, _, cols, rows, _ = checked.shape
+    if fn.key not in cols:
+        raise bad_plan(
+            f"every inserted row needs the shard key {fn.key!r} (client.ids can generate one)",
+            ErrorCode.SHARD_KEY_REQUIRED,
+        )
+    index, width = cols.index(fn.key), len(cols)
+    return [fn.shard_of(checked.params[r * width + index]) for r in range(rows)]

@@ -51,10 +51,10 @@ def plan_op(plan: Plan | None) -> str:
     return "batch" if plan is None else str(plan.__struct_config__.tag)
 
 
-def routed(rt: Runtime, plan: Plan, **binding: Any) -> Route:
+def routed(rt: Runtime, plan: Plan, checked: Compiled, **binding: Any) -> Route:
     """route(), with its refusals counted as routing decisions."""
     try:
-        return route(plan, rt.topology, **binding)
+        return route(plan, checked, rt.topology, **binding)
     except SidecarError as exc:
         if exc.code in REFUSALS:
             found = rt.topology.lookup(plan.database)

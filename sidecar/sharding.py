@@ -1,4 +1,4 @@
-"""Shard functions, and which shards a plan touches.
+"""Shard functions, and the shard-key values a checked where shape pins.
 
 ``hash`` is pinned for ever, because changing it would move rows: the key's
 text form (``str(key)`` for ints and strings alike) in UTF-8, hashed with
@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from wire.errors import ErrorCode
-from wire.protocol import ALL_SHARDS, Insert, Plan, Raw
 
-from . import plancheck
 from .errors import SidecarError, bad_plan
+from .plancheck import Shape
 from .settings import ShardingSettings
 
 
@@ -65,29 +64,42 @@ class ShardFunction:
         return found
 
 
-def key_values(node: dict[str, Any] | None, key: str) -> list[Any] | None:
-    """The values a where-tree pins ``key`` to (= or in, under and only), or None.
+def key_values(shape: Shape | None, params: Sequence[Any], at: int, key: str) -> list[Any] | None:
+    """The values a checked where shape pins ``key`` to (= or in, under and only), or
+    None. ``params`` are the plan's decoded values, the where's from index ``at``.
 
-    Only conditions every matching row must meet count, so an ``or`` or ``not``
-    above the key condition leaves the key unknown.
+    Only conditions every matching row must meet count, so an ``or`` or ``not`` above
+    the key condition leaves the key unknown.
     """
-    if node is None:
+    if shape is None:
         return None
-    if len(node) == 1 and isinstance(node.get("and"), list):
+    return _pins(shape, params, at, key)[0]
+
+
+def _pins(shape: Shape, params: Sequence[Any], at: int, key: str) -> tuple[list[Any] | None, int]:
+    """(the values ``shape`` pins ``key`` to, or None; the index of its next value)."""
+    kind = shape[0]
+    if kind in ("and", "or"):
         found: list[Any] | None = None
-        for child in node["and"]:
-            vals = key_values(child, key) if isinstance(child, dict) else None
+        for child in shape[1]:
+            vals, at = _pins(child, params, at, key)
             # Several pins intersect; the smallest is a correct superset.
-            if vals is not None and (found is None or len(vals) < len(found)):
+            if kind == "and" and vals is not None and (found is None or len(vals) < len(found)):
                 found = vals
-        return found
-    if node.get("col") != key:
-        return None
-    if node.get("op") == "=" and node.get("value") is not None:
-        return [plancheck.value(node["value"])]
-    if node.get("op") == "in" and isinstance(node.get("value"), list):
-        return plancheck.value(node["value"])
-    return None
+        return found, at
+    if kind == "not":
+        return None, _pins(shape[1], params, at, key)[1]
+    if kind == "false":
+        return [], at  # no row matches: no value of the key either
+    if kind in ("true", "is_null"):
+        return None, at
+    if kind == "between":
+        return None, at + 2
+    if shape[1] == key and kind == "=":
+        return [params[at]], at + 1
+    if shape[1] == key and kind == "in":
+        return list(params[at]), at + 1
+    return None, at + 1
 
 
 def explicit_shard(shard: str | int, names: Sequence[str]) -> int:
@@ -97,40 +109,3 @@ def explicit_shard(shard: str | int, names: Sequence[str]) -> int:
     elif shard in names:
         return names.index(shard)
     raise SidecarError(ErrorCode.UNKNOWN_SHARD, f"no shard {shard!r}; shards are {list(names)}")
-
-
-def target_shards(plan: Plan, fn: ShardFunction, names: Sequence[str]) -> list[int] | None:
-    """The shard indexes a plan must run on; None means every shard."""
-    shard = plan.route.shard
-    if shard == ALL_SHARDS:
-        return None
-    if shard is not None:
-        return [explicit_shard(shard, names)]
-    if isinstance(plan, Raw):
-        raise bad_plan(
-            "a raw plan on a sharded database needs route.shard: a shard name or '*'",
-            ErrorCode.SHARD_REQUIRED,
-        )
-    if isinstance(plan, Insert):
-        return sorted({fn.shard_of(_row_key(row, fn.key)) for row in plan.rows})
-    keys = key_values(plan.where, fn.key)
-    if keys is None:
-        return None
-    return sorted({fn.shard_of(k) for k in keys})
-
-
-def _row_key(row: dict[str, Any], key: str) -> Any:
-    if key not in row:
-        raise bad_plan(
-            f"every inserted row needs the shard key {key!r} (client.ids can generate one)",
-            ErrorCode.SHARD_KEY_REQUIRED,
-        )
-    return plancheck.value(row[key])
-
-
-def split_rows(plan: Insert, fn: ShardFunction) -> dict[int, list[dict[str, Any]]]:
-    """The rows of a sharded insert, grouped by shard, in their original order."""
-    groups: dict[int, list[dict[str, Any]]] = {}
-    for row in plan.rows:
-        groups.setdefault(fn.shard_of(_row_key(row, fn.key)), []).append(row)
-    return groups

@@ -168,11 +168,11 @@ class Transactions:
         async with tx.lock:
             self._usable(tx)
             tx.last_used = time.monotonic()
-            r = runner.routed(rt, plan, transaction=True, bound=tx.shard)
+            compiled = rt.compiler.compile(plan)
+            r = runner.routed(rt, plan, compiled, transaction=True, bound=tx.shard)
             if r.db is not tx.db:
                 raise bad_plan("a transaction stays on the database it was opened on")
             shard = r.targets[0].shard
-            compiled = rt.compiler.compile(plan)
             if tx.state is TxState.NEW:
                 await self._connect(rt, tx, shard)
             assert tx.held is not None

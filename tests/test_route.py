@@ -11,8 +11,10 @@ from typing import Any
 import msgspec
 import pytest
 
+from sidecar.compiler import Compiler
 from sidecar.errors import SidecarError
-from sidecar.route import Intent, Merge, Scope, batch_shard, route
+from sidecar.route import Intent, Merge, Scope, batch_shard
+from sidecar.route import route as route_checked
 from sidecar.settings import build_settings
 from sidecar.statuses import status_of
 from sidecar.topology import Topology, build
@@ -41,6 +43,11 @@ def topology() -> Topology:
         }
     )
     return build(settings)
+
+
+def route(p: Plan, topology: Topology, **binding: Any):
+    """route() on the plan as the request path hands it over: checked and compiled."""
+    return route_checked(p, Compiler().compile(p), topology, **binding)
 
 
 def plan(**fields: Any) -> Plan:
@@ -189,3 +196,25 @@ def test_a_batch_runs_on_one_shard(topology) -> None:
         assert err.value.code == code
     orders = route(plan(op="select", database="orders"), topology)
     assert batch_shard([orders]) is topology.databases["orders"].shards[0]
+
+
+def test_values_are_decoded_once_by_the_check_never_by_routing(topology, monkeypatch) -> None:
+    import sidecar.plancheck as plancheck
+
+    decoded: list[Any] = []
+    original = plancheck.value
+
+    def counting(raw: Any, *args: Any) -> Any:
+        decoded.append(raw)
+        return original(raw, *args)
+
+    monkeypatch.setattr(plancheck, "value", counting)
+    p = plan(op="insert", rows=[{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+    checked = Compiler().compile(p)
+    assert len(decoded) == 4
+    r = route_checked(p, checked, topology)
+    assert len(decoded) == 4 and r.merge is Merge.INSERT
+    q = plan(op="select", where=key("in", [1, 2, 6]))
+    checked = Compiler().compile(q)
+    route_checked(q, checked, topology)
+    assert len(decoded) == 5  # the IN list: one value, decoded once
