@@ -173,15 +173,16 @@ async def rollback(conn: asyncpg.Connection, limit: float | None) -> None:
 
 
 def failed(node: Node, conn: asyncpg.Connection, exc: BaseException) -> None:
-    """After a statement failed: a broken connection is closed at once. Its node is marked
-    failing only when the server let the statement's deadline pass (frozen, unreachable);
-    one lost session (a terminated backend) says nothing about the others, and a server
-    that is really gone fails the next connect, which marks it (see acquire)."""
+    """After a statement failed: a broken connection is closed at once. When the server let
+    the statement's deadline pass, its probe is asked to check it now, on its own
+    connection: a frozen server is marked down by that probe, a caller's own slow
+    statement marks nothing. One lost session (a terminated backend) says nothing about
+    the others, and a server that is really gone fails the next connect (see acquire)."""
     if connection_lost(exc, conn):
         if not is_closed(conn):
             conn.terminate()
         if caused_by(exc, TimeoutError):
-            node.mark(False, f"no answer within the statement deadline: {exc}")
+            node.suspect.set()
 
 
 async def execute(

@@ -74,6 +74,10 @@ class Prober:
             while True:
                 # Read every round: a configuration reload swaps the health settings.
                 cfg = self.settings()
+                # A statement missed its deadline on this node: check it now, and a
+                # failure marks it down at once (no waiting for the threshold).
+                urgent = node.suspect.is_set()
+                node.suspect.clear()
                 started = time.monotonic()
                 error: str | None = None
                 try:
@@ -94,7 +98,7 @@ class Prober:
                     self._observe(node.shard, node, row[0], lsn_to_int(row[1]) if row[1] else None)
                     node.latency = time.monotonic() - started
                 now = time.monotonic()
-                if now - last_health >= cfg.interval or not first.done():
+                if urgent or now - last_health >= cfg.interval or not first.done():
                     last_health = now
                     if error is None:
                         fails, oks = 0, oks + 1
@@ -106,7 +110,8 @@ class Prober:
                     else:
                         fails, oks = fails + 1, 0
                         node.last_error = error
-                        if node.up and (fails >= cfg.failure_threshold or not first.done()):
+                        down = fails >= cfg.failure_threshold or urgent or not first.done()
+                        if node.up and down:
                             node.mark(False, error)
                             log.warning(
                                 "node %s of %s is down: %s", node.name, node.db_label, error
@@ -114,7 +119,9 @@ class Prober:
                             _check_split_brain(node.shard)
                 if not first.done():
                     first.set_result(None)
-                await asyncio.sleep(max(0.0, cfg.position_interval - (time.monotonic() - started)))
+                pause = max(0.0, cfg.position_interval - (time.monotonic() - started))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(node.suspect.wait(), pause)
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):

@@ -3,9 +3,11 @@
 A raw plan is one statement. It may not control transactions (the sidecar owns them:
 ``/v1/tx`` and ``/v1/batch``), prepare, execute or deallocate statements (asyncpg's own
 prepared statements live on the same connection), load libraries, or listen (a plan
-cannot receive notifications). Whatever session state it leaves behind (``SET``,
-temporary tables, advisory locks) is discarded before its connection serves anyone
-else (see :mod:`sidecar.pools`).
+cannot receive notifications), change role, database or server defaults (``ALTER
+ROLE``/``DATABASE ... SET``, ``ALTER SYSTEM``: every later session starts with them,
+DISCARD ALL included), or run an anonymous ``DO`` block. Whatever session state it
+leaves behind (``SET``, temporary tables, advisory locks) is discarded before its
+connection serves anyone else (see :mod:`sidecar.pools`).
 
 A read-only raw plan (``writes: false``) is a query: ``SELECT``, ``VALUES``, ``TABLE``,
 ``EXPLAIN`` or ``SHOW``, run in a READ ONLY transaction. READ ONLY does not stop every
@@ -14,9 +16,11 @@ side effect, so these functions are refused in it: large objects (``lo_*``,
 slots and origins, WAL control, ``dblink``. Functions that act on other sessions or on
 the server (``pg_terminate_backend``, ``pg_cancel_backend``, ``pg_reload_conf``,
 ``pg_promote``, ...) are refused in every raw plan: the sidecar's own pooled
-connections belong to the same role. A function called through a view or another
-function is out of the parser's sight: the database role's privileges stay the real
-boundary, so give the sidecar a role without more rights than the services need.
+connections belong to the same role; so are functions that run SQL given as text
+(``query_to_xml``, ``ts_stat``, ``dblink``). A function called through a view or a
+function's body is out of the parser's sight: the database role's privileges stay the
+real boundary (PostgreSQL lets a role end its own sessions), so give the sidecar a role
+that owns no more than the services need and keep DDL for migrations.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from wire.errors import ErrorCode
 
 from .errors import SidecarError, bad_plan
 
+_DEFAULTS = "role and database defaults reach every later session: an admin sets them"
 _NEVER = {
     ast.TransactionStmt: "transaction control belongs to the sidecar: use /v1/tx or a batch",
     ast.PrepareStmt: "prepared statements belong to the sidecar: bind parameters instead",
@@ -41,6 +46,14 @@ _NEVER = {
     ast.UnlistenStmt: "a plan cannot receive notifications",
     ast.LoadStmt: "loading libraries into a pooled session is not allowed",
     ast.CopyStmt: "COPY does not run through plans: insert rows instead",
+    # Defaults every later session of the role or database starts with: DISCARD ALL
+    # returns to them, so they would reach other callers and other sidecars.
+    ast.AlterRoleSetStmt: _DEFAULTS,
+    ast.AlterDatabaseSetStmt: _DEFAULTS,
+    ast.AlterSystemStmt: "server settings are an admin's, not a plan's",
+    ast.AlterRoleStmt: "roles (and the sidecar's own password) are an admin's, not a plan's",
+    # Code the parser cannot see into.
+    ast.DoStmt: "an anonymous code block hides what it runs: send its statements as plans",
 }
 _READS = (ast.SelectStmt, ast.ExplainStmt, ast.VariableShowStmt)
 
@@ -48,6 +61,12 @@ _ADMIN_FUNCTIONS = frozenset(
     {"pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile",
      "pg_promote", "pg_log_backend_memory_contexts", "pg_switch_wal", "pg_import_system_collations",
      "pg_create_restore_point", "pg_wal_replay_pause", "pg_wal_replay_resume"}
+)  # fmt: skip
+# Functions that run SQL given as text, out of the parser's sight.
+_SQL_TEXT_FUNCTIONS = frozenset(
+    {"query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "cursor_to_xml",
+     "cursor_to_xmlschema", "ts_stat", "dblink", "dblink_exec", "dblink_open",
+     "dblink_send_query"}
 )  # fmt: skip
 _SIDE_EFFECT_FUNCTIONS = frozenset({"pg_notify", "loread", "lowrite"})
 _SIDE_EFFECT_PREFIXES = (
@@ -108,6 +127,11 @@ def _check(sql: str, writes: bool) -> None:
     for name in functions.names:
         if name in _ADMIN_FUNCTIONS:
             raise bad_plan(f"{name}() acts on other sessions or the server", ErrorCode.RAW_REFUSED)
+        if name in _SQL_TEXT_FUNCTIONS:
+            raise bad_plan(
+                f"{name}() runs SQL given as text, which the sidecar cannot check",
+                ErrorCode.RAW_REFUSED,
+            )
         side_effect = name in _SIDE_EFFECT_FUNCTIONS or name.startswith(_SIDE_EFFECT_PREFIXES)
         if side_effect and not writes:
             raise bad_plan(

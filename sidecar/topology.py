@@ -53,6 +53,9 @@ class Node:
     # Set when another node of its shard was promoted: a primary that comes back
     # after a failover is never trusted with writes until it rejoins as a replica.
     fenced: bool = False
+    # Set when a statement's deadline passed on this node: its probe checks it at once
+    # and marks it down on a failure (a slow request alone proves nothing).
+    suspect: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self, up: bool, error: str | None = None) -> bool:
         """Set up/down; True when that changed."""

@@ -170,7 +170,7 @@ class Transactions:
             tx.last_used = time.monotonic()
             compiled = rt.compiler.compile(plan)
             r = runner.routed(rt, plan, compiled, transaction=True, bound=tx.shard)
-            if r.db is not tx.db:
+            if r.db.name != tx.db.name:  # a reload rebuilds the objects, not the database
                 raise bad_plan("a transaction stays on the database it was opened on")
             shard = r.targets[0].shard
             if tx.state is TxState.NEW:

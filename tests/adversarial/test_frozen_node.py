@@ -1,10 +1,13 @@
-"""Attack: a replica that freezes (SIGSTOP on the whole server: postmaster and every
-backend) while reads are in flight on it.
+"""Attacks on liveness: a replica that freezes (SIGSTOP on the whole server: postmaster
+and every backend) while reads are in flight on it, and a caller whose own statement
+outlives the deadline.
 
 A frozen server cannot run its own statement_timeout, and its TCP connections stay
 open, so before issue 10 the reads in flight hung until the server woke. Now each
 statement carries a client-side deadline (statement_timeout plus a grace): past it the
-connection is closed, the node is marked failing and the read moves to another node.
+connection is closed, the read moves to another node, and the node's probe checks it at
+once on its own connection: a frozen server is marked down, a well one stays up (a
+caller's slow statement alone never takes a node out for everyone).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import pytest
 
 from devstack.postgres import LocalTopology, PgServer
 
+from ..conftest import sidecar_config
 from ..harness import SidecarProcess, eventually
 from ..test_failover import fault_config
 from .attack import post
@@ -83,5 +87,35 @@ async def test_reads_in_flight_on_a_frozen_replica_move_to_the_primary(
             assert [status for status, _ in answers] == [200] * 8, answers
             assert {body["served_by"][0]["node"] for _, body in answers} == {"a"}
             assert {body["rows"][0][1] for _, body in answers} == {False}
+    finally:
+        proc.terminate()
+
+
+async def test_a_callers_own_slow_statement_marks_no_node_down(topology, tmp_path, primary) -> None:
+    config = sidecar_config(topology, tmp_path, "slow-caller")
+    config["databases"]["orders"]["pool"] = {"statement_timeout": 1}
+    proc = SidecarProcess(config, tmp_path, "slow-caller")
+    proc.start()
+    user = 880_000 + os.getpid() % 10_000
+    insert = {"op": "insert", "database": "orders", "table": "orders",
+              "rows": [{"user_id": user, "status": "honest"}]}  # fmt: skip
+    slow = {"plans": [
+        {"op": "raw", "database": "orders", "writes": True, "sql": sql}
+        for sql in ("SET LOCAL statement_timeout = 0", "SELECT pg_sleep(3)")
+    ]}  # fmt: skip
+    try:
+        batch = asyncio.create_task(post(proc.url, "/v1/batch", slow))
+        statuses: list[int] = []
+        while not batch.done():  # honest writes while the slow batch runs, and after it
+            statuses.append((await post(proc.url, "/v1/query", insert))[0])
+        for _ in range(40):
+            statuses.append((await post(proc.url, "/v1/query", insert))[0])
+        status, body = await batch
+        # Past the client-side deadline the sidecar gave up on the statement itself ...
+        assert status == 503 and body["error"]["code"] == "write_outcome_unknown", body
+        # ... and nobody else noticed: the probe found the primary well.
+        assert set(statuses) == {200}
+        written = await primary.fetchval("SELECT count(*) FROM orders WHERE user_id = $1", user)
+        assert written == len(statuses)
     finally:
         proc.terminate()

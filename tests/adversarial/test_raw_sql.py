@@ -198,3 +198,34 @@ async def test_a_statement_canceled_by_someone_else_is_not_a_timeout(sidecar, pr
     assert status == 409 and body["error"]["code"] == "query_canceled", body
     assert body["error"]["retryable"] is True
     assert set(await flood(sidecar, read(1), 10)) == {200}
+
+
+@pytest.mark.parametrize(
+    ("sql", "writes"),
+    [
+        ("ALTER ROLE CURRENT_USER IN DATABASE orders SET search_path = evil, public", True),
+        ("ALTER ROLE CURRENT_USER SET synchronous_commit = off", True),
+        ("ALTER DATABASE orders SET default_transaction_read_only = on", True),
+        ("ALTER SYSTEM SET synchronous_commit = off", True),
+        ("ALTER ROLE CURRENT_USER PASSWORD 'changed'", True),
+        ("DO $$ BEGIN PERFORM pg_terminate_backend(pid) FROM pg_stat_activity"
+         " WHERE application_name = 'dbsidecar'; END $$", True),
+        ("SELECT query_to_xml('select pg_terminate_backend(pid) from pg_stat_activity"
+         " where application_name = ''dbsidecar''', true, false, '')", False),
+        ("SELECT query_to_xml('select lo_from_bytea(0, ''\\x41''::bytea)', true, false, '')",
+         False),
+        ("SELECT * FROM ts_stat('select to_tsvector(pg_notify(''c'', ''x'')::text)')", False),
+    ],
+)  # fmt: skip
+async def test_what_reaches_every_later_session_is_refused(sidecar, primary, sql, writes) -> None:
+    truth = (
+        "SELECT (SELECT count(*) FROM pg_db_role_setting),"
+        " (SELECT count(*) FROM pg_largeobject_metadata),"
+        " (SELECT array_agg(pid ORDER BY pid) FROM pg_stat_activity"
+        "  WHERE application_name = 'dbsidecar')"
+    )
+    before = await primary.fetchrow(truth)
+    status, body = await post(sidecar.url, "/v1/query", raw(sql, writes=writes))
+    assert status == 400 and body["error"]["code"] == "raw_refused", body
+    assert await primary.fetchrow(truth) == before
+    assert set(await flood(sidecar, insert(marker()), 10)) == {200}

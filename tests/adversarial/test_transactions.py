@@ -15,7 +15,9 @@ import uuid
 from typing import Any
 
 import pytest
+import yaml
 
+from ..conftest import sidecar_config
 from ..harness import SidecarProcess, eventually
 from .attack import post
 
@@ -189,3 +191,26 @@ async def test_a_finished_transaction_takes_nothing_more(sidecar, primary) -> No
         status, answer = await post(sidecar.url, path, body)
         assert status == 404 and answer["error"]["code"] == "unknown_transaction"
     assert await count(primary, user) == 0
+
+
+async def test_a_reload_does_not_break_open_transactions(topology, tmp_path, primary) -> None:
+    config = sidecar_config(topology, tmp_path, "tx-reload")
+    proc = SidecarProcess(config, tmp_path, "tx-reload")
+    proc.start()
+    try:
+        user = marker()
+        status, body = await post(proc.url, "/v1/tx", {"database": ORDERS})
+        assert status == 200, body
+        tx = body["id"]
+        assert (await post(proc.url, f"/v1/tx/{tx}", insert(user)))[0] == 200
+        # An operator's change: the reload rebuilds the topology's objects.
+        config["logging"] = {"slow_query_ms": 12345}
+        proc.config_path.write_text(yaml.safe_dump(config))
+        status, body = await post(proc.url, "/v1/admin/reload", None)
+        assert status == 200 and body["result"] == "applied", body
+        status, body = await post(proc.url, f"/v1/tx/{tx}", insert(user))
+        assert status == 200, body
+        assert (await post(proc.url, f"/v1/tx/{tx}/commit", None))[0] == 200
+        assert await count(primary, user) == 2
+    finally:
+        proc.terminate()
