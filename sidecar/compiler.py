@@ -70,6 +70,7 @@ class Compiled:
     statement: Statement
     params: list[Any]
     shape: Shape = ()
+    database: str = ""
 
     def where(self) -> tuple[Shape | None, int]:
         """The normalized where shape (None: no condition) and the index of its first
@@ -110,7 +111,7 @@ class Compiler:
         key = self._shape(plan, params)
         if len(params) > MAX_PARAMS:
             raise plancheck.too_many_params()
-        return Compiled(self._statement(key), params, key)
+        return Compiled(self._statement(plan.database, key), params, key, plan.database)
 
     def insert_part(self, compiled: Compiled, rows: Sequence[int]) -> Compiled:
         """The insert of some of a checked insert's rows (one shard's), from the values
@@ -119,15 +120,18 @@ class Compiler:
         width = len(cols)
         params = [v for r in rows for v in compiled.params[r * width : (r + 1) * width]]
         key = (kind, table, cols, len(rows), returning)
-        return Compiled(self._statement(key), params, key)
+        return Compiled(self._statement(compiled.database, key), params, key, compiled.database)
 
-    def _statement(self, key: Shape) -> Statement:
+    def _statement(self, database: str, shape: Shape) -> Statement:
+        # Per database: the same table name in two databases is two tables, whose result
+        # columns (learnt on the first run) must never be mixed up.
+        key = (database, shape)
         stmt = self._cache.get(key)
         if stmt is None:
             self.misses += 1
             num = _Numbers()
-            stmt = _build(key, num)
-            stmt.size = _size(key, stmt.sql, num.nodes)
+            stmt = _build(shape, num)
+            stmt.size = _size(shape, stmt.sql, num.nodes)
             self._store(key, stmt)
         else:
             self.hits += 1

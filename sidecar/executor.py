@@ -161,6 +161,10 @@ async def run_statement(
         count = _rowcount(ps.get_statusmsg()) or len(rows)
         return stmt.columns, stmt.kinds, rows, count
     records = await conn.fetch(stmt.sql, *compiled.params, timeout=limit)
+    if records and list(records[0].keys()) != stmt.columns:
+        # The table changed under a cached shape (a migration added, dropped or renamed
+        # a column): learn the description again.
+        stmt.columns, stmt.kinds = describe(await conn.prepare(stmt.sql, timeout=limit))
     return stmt.columns, stmt.kinds, [tuple(r) for r in records], len(records)
 
 
