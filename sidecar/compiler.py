@@ -31,7 +31,7 @@ from wire.protocol import (
 )
 
 from . import plancheck, rawsql
-from .errors import bad_plan
+from .errors import SidecarError, bad_plan
 from .plancheck import MAX_LIST_VALUES, MAX_PARAMS, TRUE, Shape, column, table
 
 # Estimated bytes of one where node or name in a cached shape key: a small tuple, its
@@ -57,6 +57,8 @@ class Statement:
     columns: list[str] | None = None
     # False for raw SQL, which may change session state (SET, LISTEN, PREPARE, ...).
     session_safe: bool = True
+    # Rows a read may answer with; more is refused (memory stays bounded).
+    row_cap: int | None = None
     # What the compile cache counts for this statement, and its second-chance mark.
     size: int = 0
     used: bool = False
@@ -90,6 +92,8 @@ class Compiled:
 class Compiler:
     max_where_depth: int = 32
     max_in_values: int = MAX_LIST_VALUES
+    # Rows a read may answer with (None: no cap; the sidecar passes limits.max_result_rows).
+    max_result_rows: int | None = None
     cache_bytes: int = 16 * 1024 * 1024
     hits: int = 0
     misses: int = 0
@@ -103,7 +107,7 @@ class Compiler:
             rawsql.check(plan.sql, plan.writes)
             if len(plan.params) > MAX_PARAMS:
                 raise plancheck.too_many_params()
-            statement = Statement(plan.sql, True, session_safe=False)
+            statement = Statement(plan.sql, True, session_safe=False, row_cap=self.max_result_rows)
             return Compiled(
                 statement, [plancheck.value(p, self.max_in_values) for p in plan.params]
             )
@@ -130,7 +134,7 @@ class Compiler:
         if stmt is None:
             self.misses += 1
             num = _Numbers()
-            stmt = _build(shape, num)
+            stmt = _build(shape, num, self.max_result_rows)
             stmt.size = _size(shape, stmt.sql, num.nodes)
             self._store(key, stmt)
         else:
@@ -162,7 +166,7 @@ class Compiler:
     def _shape(self, plan: Plan, params: list[Any]) -> Shape:
         if isinstance(plan, Select):
             where = self._where(plan.where, params)
-            _limits(plan.limit, plan.offset, params)
+            _limits(plan.limit, plan.offset, params, self.max_result_rows)
             cols = tuple(plan.columns) if plan.columns is not None else None
             order = tuple((o.col, o.desc) for o in plan.order_by)
             return ("select", plan.table, cols, where, order, plan.limit is not None,
@@ -171,7 +175,7 @@ class Compiler:
             return ("count", plan.table, self._where(plan.where, params))
         if isinstance(plan, AggregateQuery):
             where = self._where(plan.where, params)
-            _limits(plan.limit, plan.offset, params)
+            _limits(plan.limit, plan.offset, params, self.max_result_rows)
             aggs = tuple((a.fn, a.col, a.name) for a in plan.aggregates)
             order = tuple((o.col, o.desc) for o in plan.order_by)
             return ("aggregate", plan.table, aggs, tuple(plan.group_by), where, order,
@@ -211,13 +215,23 @@ class Compiler:
         raise bad_plan(f"unsupported plan {type(plan).__name__}")
 
 
-def _limits(limit: int | None, offset: int | None, params: list[Any]) -> None:
+def _limits(limit: int | None, offset: int | None, params: list[Any], cap: int | None) -> None:
     plancheck.non_negative("limit", limit)
     plancheck.non_negative("offset", offset)
+    if cap is not None and limit is not None and limit > cap:
+        raise too_many_rows(cap)
     if limit is not None:
         params.append(limit)
     if offset is not None:
         params.append(offset)
+
+
+def too_many_rows(cap: int) -> SidecarError:
+    return SidecarError(
+        ErrorCode.RESULT_TOO_LARGE,
+        f"a read answers at most {cap} rows (limits.max_result_rows): page it with "
+        "limit and a key condition, or narrow its where",
+    )
 
 
 def _require_where(where: Shape | None, all_rows: bool, op: str) -> None:
@@ -275,9 +289,12 @@ def _order_clause(order: tuple[tuple[str, bool], ...]) -> str:
     return " ORDER BY " + ", ".join(column(c) + (" DESC" if d else "") for c, d in order)
 
 
-def _limit_clause(has_limit: bool, has_offset: bool, num: _Numbers) -> str:
-    sql = f" LIMIT {num.next()}" if has_limit else ""
-    return sql + (f" OFFSET {num.next()}" if has_offset else "")
+def _limit_clause(has_limit: bool, has_offset: bool, num: _Numbers, cap: int | None) -> str:
+    # Without a caller's limit, one row past the cap tells "too many" from "just enough".
+    if has_limit:
+        return f" LIMIT {num.next()}" + (f" OFFSET {num.next()}" if has_offset else "")
+    capped = "" if cap is None else f" LIMIT {cap + 1}"
+    return capped + (f" OFFSET {num.next()}" if has_offset else "")
 
 
 def _columns(cols: tuple[str, ...] | None) -> str:
@@ -297,15 +314,15 @@ def _size(key: Shape, sql: str, where_nodes: int) -> int:
     return ENTRY_BYTES + len(sql) + NODE_BYTES * (where_nodes + names)
 
 
-def _build(key: Shape, num: _Numbers) -> Statement:
+def _build(key: Shape, num: _Numbers, cap: int | None) -> Statement:
     kind = key[0]
     if kind == "select":
         _, tbl, cols, where, order, has_limit, has_offset = key
         if cols == ():
             raise bad_plan("select at least one column, or none to mean all")
         sql = f"SELECT {_columns(cols)} FROM {table(tbl)}" + _where_clause(where, num)
-        sql += _order_clause(order) + _limit_clause(has_limit, has_offset, num)
-        return Statement(sql, True)
+        sql += _order_clause(order) + _limit_clause(has_limit, has_offset, num, cap)
+        return Statement(sql, True, row_cap=cap)
     if kind == "count":
         _, tbl, where = key
         return Statement(
@@ -331,8 +348,8 @@ def _build(key: Shape, num: _Numbers) -> Statement:
         sql = f"SELECT {', '.join(parts)} FROM {table(tbl)}" + _where_clause(where, num)
         if group_by:
             sql += " GROUP BY " + ", ".join(column(g) for g in group_by)
-        sql += _order_clause(order) + _limit_clause(has_limit, has_offset, num)
-        return Statement(sql, True)
+        sql += _order_clause(order) + _limit_clause(has_limit, has_offset, num, cap)
+        return Statement(sql, True, row_cap=cap)
     if kind == "insert":
         _, tbl, cols, nrows, returning = key
         if not cols:

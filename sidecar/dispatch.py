@@ -17,7 +17,7 @@ from wire.protocol import AggregateQuery, BatchResult, Plan, Result, Select
 from wire.values import wire_rows
 
 from . import merge, metrics, runner
-from .compiler import Compiled, Statement
+from .compiler import Compiled, Statement, too_many_rows
 from .errors import SidecarError, bad_plan
 from .executor import Outcome, execute, to_result
 from .route import REFUSALS, Merge, Route, batch_shard, database
@@ -103,6 +103,9 @@ async def _scatter(rt: Runtime, r: Route, checked: Compiled) -> Result:
         served = await _gather(rt, r, checked, count=False)
         columns, kinds = served[0].columns, served[0].kinds
         rows = [row for o in served for row in o.rows]
+    cap = rt.settings.limits.max_result_rows
+    if len(rows) > cap:
+        raise too_many_rows(cap)  # each shard kept to the cap, together they passed it
     return Result(
         columns=columns,
         types=kinds,

@@ -19,7 +19,7 @@ from wire.protocol import Result, ServedBy
 from wire.values import wire_rows
 
 from . import metrics
-from .compiler import Compiled, Statement
+from .compiler import Compiled, Statement, too_many_rows
 from .errors import (
     SidecarError,
     caused_by,
@@ -152,20 +152,48 @@ async def run_statement(
     if not stmt.returns_rows:
         status = await conn.execute(stmt.sql, *compiled.params, timeout=limit)
         return [], [], [], _rowcount(status)
+    if not stmt.session_safe:
+        return await _run_raw(conn, compiled, limit)
     if stmt.kinds is None or stmt.columns is None:
-        # First run of this shape (or any raw plan): learn column names and kinds.
+        # First run of this shape: learn column names and kinds.
         ps = await conn.prepare(stmt.sql, timeout=limit)
         stmt.columns, stmt.kinds = describe(ps)
         records = await ps.fetch(*compiled.params, timeout=limit)
-        rows = [tuple(r) for r in records]
-        count = _rowcount(ps.get_statusmsg()) or len(rows)
-        return stmt.columns, stmt.kinds, rows, count
-    records = await conn.fetch(stmt.sql, *compiled.params, timeout=limit)
-    if records and list(records[0].keys()) != stmt.columns:
-        # The table changed under a cached shape (a migration added, dropped or renamed
-        # a column): learn the description again.
-        stmt.columns, stmt.kinds = describe(await conn.prepare(stmt.sql, timeout=limit))
-    return stmt.columns, stmt.kinds, [tuple(r) for r in records], len(records)
+        count = _rowcount(ps.get_statusmsg()) or len(records)
+    else:
+        records = await conn.fetch(stmt.sql, *compiled.params, timeout=limit)
+        count = len(records)
+        if records and list(records[0].keys()) != stmt.columns:
+            # The table changed under a cached shape (a migration added, dropped or
+            # renamed a column): learn the description again.
+            stmt.columns, stmt.kinds = describe(await conn.prepare(stmt.sql, timeout=limit))
+    if stmt.row_cap is not None and len(records) > stmt.row_cap:
+        raise too_many_rows(stmt.row_cap)  # the SQL's own LIMIT fetched one row past it
+    return stmt.columns, stmt.kinds, [tuple(r) for r in records], count
+
+
+async def _run_raw(
+    conn: asyncpg.Connection, compiled: Compiled, limit: float | None
+) -> tuple[list[str], list[str | None], list[tuple[Any, ...]], int]:
+    """Raw SQL: rows come through a cursor, one past the cap at most, so memory stays
+    bounded whatever the query; a statement that returns no rows runs as it is (it may
+    be one that cannot run in a transaction block, such as CREATE INDEX CONCURRENTLY)."""
+    stmt = compiled.statement
+    ps = await conn.prepare(stmt.sql, timeout=limit)
+    columns, kinds = describe(ps)
+    if not columns or stmt.row_cap is None:
+        records = await ps.fetch(*compiled.params, timeout=limit)
+        return columns, kinds, [tuple(r) for r in records], _rowcount(ps.get_statusmsg())
+    own = not conn.is_in_transaction()  # a cursor lives in a transaction
+    if own:
+        await conn.execute("BEGIN", timeout=limit)
+    cursor = await ps.cursor(*compiled.params, timeout=limit)
+    records = await cursor.fetch(stmt.row_cap + 1, timeout=limit)
+    if len(records) > stmt.row_cap:
+        raise too_many_rows(stmt.row_cap)  # the caller's handler rolls an own BEGIN back
+    if own:
+        await conn.execute("COMMIT", timeout=limit)
+    return columns, kinds, [tuple(r) for r in records], len(records)
 
 
 async def rollback(conn: asyncpg.Connection, limit: float | None) -> None:

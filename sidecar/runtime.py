@@ -19,6 +19,7 @@ def compiler_for(limits: LimitsSettings) -> Compiler:
     return Compiler(
         max_where_depth=limits.max_where_depth,
         max_in_values=limits.max_in_values,
+        max_result_rows=limits.max_result_rows,
         cache_bytes=limits.compile_cache_bytes,
     )
 

@@ -173,6 +173,8 @@ class LimitsSettings(_Section):
     max_batch_plans: int = 1000
     # Values in one IN / NOT IN list (a larger set belongs in a table or a raw plan).
     max_in_values: int = 10_000
+    # Rows one read may answer with (a larger result is refused: page it with a limit).
+    max_result_rows: int = 100_000
     # Bytes of SQL the compile cache may hold; least recently used shapes go first.
     compile_cache_bytes: int = 16 * 1024 * 1024
 
@@ -289,7 +291,7 @@ def _check(settings: Settings) -> None:
         raise ConfigError("transactions.max_pool_share: a share of the pool, above 0 and at most 1")
     limits = settings.limits
     for key in ("max_body_bytes", "max_header_bytes", "max_where_depth", "max_batch_plans",
-                "max_in_values", "compile_cache_bytes"):  # fmt: skip
+                "max_in_values", "compile_cache_bytes", "max_result_rows"):  # fmt: skip
         if getattr(limits, key) < 1:
             raise ConfigError(f"limits.{key}: must be at least 1")
     seen_nodes: set[str] = set()

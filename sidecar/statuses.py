@@ -68,6 +68,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.QUERY_CANCELED: 409,
     ErrorCode.RAISED_EXCEPTION: 422,
     ErrorCode.RAW_REFUSED: 400,
+    ErrorCode.RESULT_TOO_LARGE: 400,
     ErrorCode.READ_ONLY_TRANSACTION: 409,
     ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.SAVEPOINT_EXCEPTION: 409,

@@ -75,6 +75,7 @@ class ErrorCode(StrEnum):
     QUERY_CANCELED = "query_canceled"
     RAISED_EXCEPTION = "raised_exception"
     RAW_REFUSED = "raw_refused"
+    RESULT_TOO_LARGE = "result_too_large"
     READ_ONLY_TRANSACTION = "read_only_transaction"
     REQUEST_TIMEOUT = "request_timeout"
     SAVEPOINT_EXCEPTION = "savepoint_exception"
