@@ -105,6 +105,8 @@ class Transactions:
         self.accepting = True
         # Connections held by open transactions, per node.
         self._held: dict[int, int] = {}
+        # Set (and replaced) whenever a transaction lets its connection go.
+        self._freed = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -130,13 +132,20 @@ class Transactions:
 
     async def _connect(self, rt: Runtime, tx: OpenTransaction, shard: Shard) -> None:
         node = rt.router.writer(tx.db, shard)
-        limit = pool_share(tx.db.settings.pool, rt.settings.transactions.max_pool_share)
-        if self._held.get(id(node), 0) >= limit:
-            raise SidecarError(
-                ErrorCode.TOO_MANY_TRANSACTIONS,
-                f"{limit} interactive transactions already hold connections to {node.name} "
-                "(transactions.max_pool_share); commit or roll back one, or retry",
-            )
+        pool = tx.db.settings.pool
+        limit = pool_share(pool, rt.settings.transactions.max_pool_share)
+        # Wait for a transaction's share of the pool as long as for a connection itself.
+        deadline = time.monotonic() + pool.acquire_timeout
+        while self._held.get(id(node), 0) >= limit:
+            freed = self._freed
+            try:
+                await asyncio.wait_for(freed.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                raise SidecarError(
+                    ErrorCode.TOO_MANY_TRANSACTIONS,
+                    f"{limit} interactive transactions held connections to {node.name} "
+                    f"for {pool.acquire_timeout:g} s (transactions.max_pool_share); retry",
+                ) from None
         self._held[id(node)] = self._held.get(id(node), 0) + 1
         try:
             tx.held = await runner.Held.begin(rt, tx.db, shard)
@@ -243,6 +252,8 @@ class Transactions:
         self._held[id(node)] -= 1
         if not self._held[id(node)]:
             del self._held[id(node)]
+        self._freed.set()  # wakes every waiter: each checks its node's count again
+        self._freed = asyncio.Event()
 
     async def _reap(self) -> None:
         while True:

@@ -177,6 +177,12 @@ async def test_open_transactions_cannot_starve_ordinary_traffic(sidecar, primary
         )
         assert [s for s, _ in answers] == [200] * 20
         assert await count(primary, user) == 10
+        # A transaction waiting for the share gets it as soon as another one ends.
+        waiting = asyncio.create_task(post(sidecar.url, "/v1/tx", {"database": ORDERS}))
+        await post(sidecar.url, f"/v1/tx/{held.pop()}/rollback", None)
+        status, body = await waiting
+        assert status == 200, body
+        held.append(body["id"])
     finally:
         for tx in held:
             await post(sidecar.url, f"/v1/tx/{tx}/rollback", None)
