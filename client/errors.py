@@ -76,6 +76,11 @@ class TransactionAborted(DbSidecarError):
     and only a rollback is possible (commit answers this error too)."""
 
 
+class PartialWrite(DbSidecarError):
+    """A write on several shards committed on some and failed on others (the message
+    names them): each shard is its own transaction."""
+
+
 class Unavailable(DbSidecarError):
     """No node could serve the plan right now (503); ``retryable`` says if trying again helps."""
 
@@ -102,6 +107,7 @@ _BY_CODE: dict[str, type[DbSidecarError]] = {
     ErrorCode.SHARD_KEY_REQUIRED: ShardKeyRequired,
     ErrorCode.WRITE_OUTCOME_UNKNOWN: WriteOutcomeUnknown,
     ErrorCode.TRANSACTION_ABORTED: TransactionAborted,
+    ErrorCode.PARTIAL_WRITE: PartialWrite,
     ErrorCode.SPLIT_BRAIN: SplitBrain,
     ErrorCode.UNAUTHORIZED: Unauthorized,
     ErrorCode.UNKNOWN_DATABASE: UnknownDatabase,

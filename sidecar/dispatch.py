@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from wire.consistency import format_token, lsn_to_int
+from wire.errors import ErrorCode
 from wire.protocol import AggregateQuery, BatchResult, Plan, Result, Select
 from wire.values import wire_rows
 
@@ -61,8 +62,38 @@ async def _gather(rt: Runtime, r: Route, compiled: Compiled, count: bool) -> lis
     return [o for group in groups for o in group]
 
 
+async def _write_every_shard(
+    rt: Runtime, r: Route, statements: Sequence[Compiled]
+) -> list[Outcome]:
+    """A write on several shards, one transaction each, all awaited to the end: when some
+    committed and some failed, the answer says which (never a plain error that hides
+    committed rows)."""
+    results = await asyncio.gather(
+        *(runner.run_target(rt, r, t, c) for t, c in zip(r.targets, statements, strict=True)),
+        return_exceptions=True,
+    )
+    failed = [
+        (t, e) for t, e in zip(r.targets, results, strict=True) if isinstance(e, BaseException)
+    ]
+    if not failed:
+        return [o for group in results for o in group]  # type: ignore[union-attr]
+    first = failed[0][1]
+    committed = [
+        t.shard.name
+        for t, e in zip(r.targets, results, strict=True)
+        if not isinstance(e, BaseException)
+    ]
+    if not committed or not isinstance(first, SidecarError):
+        raise first
+    raise SidecarError(
+        ErrorCode.PARTIAL_WRITE,
+        f"committed on {committed}, not on {[t.shard.name for t, _ in failed]} "
+        f"({first.code}: {first.message}); each shard is its own transaction",
+    )
+
+
 async def _on_every_shard(rt: Runtime, r: Route, checked: Compiled) -> Result:
-    flat = await _gather(rt, r, checked, count=True)
+    flat = await _write_every_shard(rt, r, [checked] * len(r.targets))
     return Result(
         columns=flat[0].columns,
         types=flat[0].kinds,
@@ -118,10 +149,9 @@ async def _scatter(rt: Runtime, r: Route, checked: Compiled) -> Result:
 async def _sharded_insert(rt: Runtime, r: Route, checked: Compiled) -> Result:
     """Rows split by shard, one insert (one transaction) per shard, at once; each shard's
     statement is built from the values already decoded."""
-    results = await asyncio.gather(
-        *(runner.run_target(rt, r, t, rt.compiler.insert_part(checked, t.rows)) for t in r.targets)
+    outcomes = await _write_every_shard(
+        rt, r, [rt.compiler.insert_part(checked, t.rows) for t in r.targets]
     )
-    outcomes = [group[0] for group in results]
     rows: list[list[object]] = []
     if getattr(r.plan, "returning", None) is not None:
         # Hand RETURNING rows back in the order the caller gave the rows.

@@ -62,6 +62,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_SHARDED: 400,
     ErrorCode.OBJECT_NOT_IN_PREREQUISITE_STATE: 409,
     ErrorCode.OPERATOR_INTERVENTION: 503,
+    ErrorCode.PARTIAL_WRITE: 409,
     ErrorCode.PLAN_TOO_COMPLEX: 400,
     ErrorCode.POOL_TIMEOUT: 503,
     ErrorCode.PROGRAM_LIMIT_EXCEEDED: 400,

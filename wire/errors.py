@@ -69,6 +69,7 @@ class ErrorCode(StrEnum):
     NOT_SHARDED = "not_sharded"
     OBJECT_NOT_IN_PREREQUISITE_STATE = "object_not_in_prerequisite_state"
     OPERATOR_INTERVENTION = "operator_intervention"
+    PARTIAL_WRITE = "partial_write"
     PLAN_TOO_COMPLEX = "plan_too_complex"
     POOL_TIMEOUT = "pool_timeout"
     PROGRAM_LIMIT_EXCEEDED = "program_limit_exceeded"
