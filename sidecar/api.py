@@ -45,6 +45,7 @@ from . import dispatch, logs, metrics
 from .bodies import read_body
 from .errors import SidecarError
 from .openapi import openapi_document
+from .runtime import Runtime
 from .state import SidecarState
 from .statuses import status_of
 from .topology_view import topology_document
@@ -67,6 +68,8 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 @dataclass(slots=True)
 class Call:
     state: SidecarState
+    # The runtime snapshot the request captured when it started: all of it runs on this.
+    runtime: Runtime
     body: bytes
     params: Mapping[str, str]
 
@@ -134,11 +137,12 @@ async def _guarded(
     params: Mapping[str, str],
     handler: Handler,
 ) -> tuple[int, Any]:
+    rt = state.runtime
     try:
-        token = state.settings.auth_token
+        token = rt.settings.auth_token
         if token is not None and not _authorized(headers.get("authorization", ""), token):
             raise SidecarError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
-        return await handler(Call(state, await read(), params))
+        return await handler(Call(state, rt, await read(), params))
     except SidecarError as exc:
         return status_of(exc.code), ErrorEnvelope(exc.body())
     except Exception:
@@ -150,16 +154,16 @@ async def _guarded(
 # Handlers
 async def query(call: Call) -> tuple[int, Any]:
     plan = _decode(_plan_decoder, call.body)
-    return 200, await dispatch.run(call.state.runtime, plan)
+    return 200, await dispatch.run(call.runtime, plan)
 
 
 async def batch(call: Call) -> tuple[int, Any]:
     body = _decode(_batch_decoder, call.body)
-    return 200, await dispatch.run_batch(call.state.runtime, body.plans)
+    return 200, await dispatch.run_batch(call.runtime, body.plans)
 
 
 async def bundle(call: Call) -> tuple[int, Any]:
-    rt = call.state.runtime  # every plan of the bundle on one snapshot
+    rt = call.runtime
     body = _decode(_bundle_decoder, call.body)
     limit = rt.settings.limits.max_batch_plans
     if len(body.plans) > limit:
@@ -182,14 +186,13 @@ async def bundle(call: Call) -> tuple[int, Any]:
 
 async def tx_begin(call: Call) -> tuple[int, Any]:
     body = _decode(_begin_decoder, call.body)
-    state = call.state
-    tx_id = await state.transactions.begin(state.runtime, body.database, body.route.shard)
+    tx_id = await call.state.transactions.begin(call.runtime, body.database, body.route.shard)
     return 200, TxOpened(tx_id)
 
 
 async def tx_run(call: Call) -> tuple[int, Any]:
     plan = _decode(_plan_decoder, call.body)
-    return 200, await call.state.transactions.run(call.state.runtime, call.params["tx_id"], plan)
+    return 200, await call.state.transactions.run(call.runtime, call.params["tx_id"], plan)
 
 
 async def tx_commit(call: Call) -> tuple[int, Any]:

@@ -21,7 +21,7 @@ from . import merge, metrics, runner
 from .compiler import Compiled, Statement, too_many_rows
 from .errors import SidecarError, bad_plan
 from .executor import Outcome, execute, to_result
-from .route import REFUSALS, Merge, Route, batch_shard, database
+from .route import Merge, Route, batch_shard, database
 from .runtime import Runtime
 from .topology import Database
 
@@ -196,12 +196,8 @@ async def _run_batch(rt: Runtime, plans: Sequence[Plan]) -> BatchResult:
             exc.index = i
             raise
     routes = [runner.routed(rt, p, c) for p, c in zip(plans, compiled, strict=True)]
-    try:
+    with runner.refusals_counted(rt, plans[0].database):
         shard = batch_shard(routes)
-    except SidecarError as exc:
-        if exc.code in REFUSALS:
-            rt.router.count(routes[0].db, "refused")
-        raise
     db = routes[0].db
     node = rt.router.writer(db, shard)
     rt.router.count(db, "primary")

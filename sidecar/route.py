@@ -50,7 +50,9 @@ class Merge(enum.Enum):
 
 
 # Refusals counted as routing decisions (the "refused" decision in metrics).
-REFUSALS = frozenset({"shard_key_required", "cross_shard_batch", "cross_shard_transaction"})
+REFUSALS = frozenset(
+    {ErrorCode.SHARD_KEY_REQUIRED, ErrorCode.CROSS_SHARD_BATCH, ErrorCode.CROSS_SHARD_TRANSACTION}
+)
 
 
 @dataclass(frozen=True, slots=True)

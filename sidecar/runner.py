@@ -11,9 +11,10 @@ the runner observes the same way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
 import asyncpg
@@ -43,7 +44,7 @@ log = logging.getLogger("dbsidecar.queries")
 T = TypeVar("T")
 
 # Failures a read may leave behind on one node and try on another: nothing ran.
-_RETRYABLE_READ = frozenset({"node_unavailable", "pool_timeout"})
+_RETRYABLE_READ = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.POOL_TIMEOUT})
 
 
 def plan_op(plan: Plan | None) -> str:
@@ -51,16 +52,21 @@ def plan_op(plan: Plan | None) -> str:
     return "batch" if plan is None else str(plan.__struct_config__.tag)
 
 
+@contextlib.contextmanager
+def refusals_counted(rt: Runtime, database: str) -> Iterator[None]:
+    """Routing refusals raised inside count as the "refused" routing decision."""
+    try:
+        yield
+    except SidecarError as exc:
+        if exc.code in REFUSALS and (found := rt.topology.lookup(database)) is not None:
+            rt.router.count(found[0], "refused")
+        raise
+
+
 def routed(rt: Runtime, plan: Plan, checked: Compiled, **binding: Any) -> Route:
     """route(), with its refusals counted as routing decisions."""
-    try:
+    with refusals_counted(rt, plan.database):
         return route(plan, checked, rt.topology, **binding)
-    except SidecarError as exc:
-        if exc.code in REFUSALS:
-            found = rt.topology.lookup(plan.database)
-            if found is not None:
-                rt.router.count(found[0], "refused")
-        raise
 
 
 async def run_target(
@@ -169,8 +175,8 @@ class Held:
         return self._conn is not None
 
     @classmethod
-    async def begin(cls, rt: Runtime, db: Database, shard: Shard) -> Held:
-        node = rt.router.writer(db, shard)
+    async def begin(cls, rt: Runtime, db: Database, shard: Shard, node: Node) -> Held:
+        """BEGIN on a connection to ``node``, the shard's writer (the caller chose it)."""
         rt.router.count(db, "primary")
         conn = await acquire(node, db.settings.pool.acquire_timeout)
         conn.mark_dirty()  # whatever runs inside may leave session state

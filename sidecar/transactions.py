@@ -148,7 +148,7 @@ class Transactions:
                 ) from None
         self._held[id(node)] = self._held.get(id(node), 0) + 1
         try:
-            tx.held = await runner.Held.begin(rt, tx.db, shard)
+            tx.held = await runner.Held.begin(rt, tx.db, shard, node)
         except Exception:
             self._let_go(node)
             raise
