@@ -85,6 +85,29 @@ bundle_size = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
     registry=registry,
 )
+coalesced_plans = Counter(
+    "dbsidecar_coalesced_plans_total",
+    "Reads that ran inside a coalesced statement (one statement for several plans).",
+    ["database", "shard", "node"],
+    registry=registry,
+)
+coalesced_statements = Counter(
+    "dbsidecar_coalesced_statements_total",
+    "Coalesced statements run (each carried two or more plans).",
+    ["database", "shard", "node"],
+    registry=registry,
+)
+channel_frames = Counter(
+    "dbsidecar_channel_frames_total",
+    "Frames received on data-plane channels (WebSocket), by kind and status code.",
+    ["kind", "code"],
+    registry=registry,
+)
+channels_open = Gauge(
+    "dbsidecar_channels_open",
+    "Data-plane channels (WebSocket connections) open now.",
+    registry=registry,
+)
 config_reloads = Counter(
     "dbsidecar_config_reloads_total",
     "Configuration loads by source and result (success or error).",

@@ -177,6 +177,19 @@ class LimitsSettings(_Section):
     max_result_rows: int = 100_000
     # Bytes of SQL the compile cache may hold; least recently used shapes go first.
     compile_cache_bytes: int = 16 * 1024 * 1024
+    # Plans one channel (WebSocket) may have in flight; past it the sidecar stops reading
+    # that channel's frames until answers go out (backpressure, bounded memory).
+    max_channel_inflight: int = 256
+
+
+class CoalescingSettings(_Section):
+    """Concurrent reads of one shape on one node that differ only in one value run as
+    one statement (``unnest(...) WITH ORDINALITY`` and a LATERAL subquery), and the rows
+    are split back per plan. Never writes, never in a transaction."""
+
+    enabled: bool = True
+    # Plans one coalesced statement may carry; more make several statements.
+    max_plans: int = 256
 
 
 class TransactionSettings(_Section):
@@ -248,6 +261,7 @@ class Settings(_Section):
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     transactions: TransactionSettings = msgspec.field(default_factory=TransactionSettings)
+    coalescing: CoalescingSettings = msgspec.field(default_factory=CoalescingSettings)
     shutdown: ShutdownSettings = msgspec.field(default_factory=ShutdownSettings)
     readiness: ReadinessSettings = msgspec.field(default_factory=ReadinessSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
@@ -291,9 +305,12 @@ def _check(settings: Settings) -> None:
         raise ConfigError("transactions.max_pool_share: a share of the pool, above 0 and at most 1")
     limits = settings.limits
     for key in ("max_body_bytes", "max_header_bytes", "max_where_depth", "max_batch_plans",
-                "max_in_values", "compile_cache_bytes", "max_result_rows"):  # fmt: skip
+                "max_in_values", "compile_cache_bytes", "max_result_rows",
+                "max_channel_inflight"):  # fmt: skip
         if getattr(limits, key) < 1:
             raise ConfigError(f"limits.{key}: must be at least 1")
+    if settings.coalescing.max_plans < 2:
+        raise ConfigError("coalescing.max_plans: must be at least 2 (or set enabled: false)")
     seen_nodes: set[str] = set()
     for name, db in settings.databases.items():
         where = f"databases.{name}"
