@@ -116,3 +116,54 @@ def delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, 
     machine = spent.pop("_machine", 0.0)
     spent["other"] = max(0.0, machine - sum(spent.values()))
     return spent
+
+
+def memory_mib(pid: int | None) -> dict[str, float] | None:
+    """A process's resident set now (VmRSS) and at its peak so far (VmHWM), in MiB, from
+    /proc/<pid>/status; None if it is gone."""
+    if pid is None:
+        return None
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(rest.split()[0]) / 1024  # kB
+    if "VmRSS" not in found:
+        return None  # a zombie has no memory lines
+    return {"rss": found["VmRSS"], "hwm": found.get("VmHWM", found["VmRSS"])}
+
+
+class RssWatch:
+    """One process's resident memory over a run: a sample at the start, whenever asked (after
+    every measurement), and at the end; the peak is the kernel's VmHWM (every page the process
+    ever had resident at once, between samples too)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.samples: list[float] = []
+        self.hwm: float | None = None
+
+    def sample(self) -> float | None:
+        found = memory_mib(self.pid)
+        if found is None:
+            return None
+        self.samples.append(found["rss"])
+        self.hwm = found["hwm"]
+        return found["rss"]
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Start, peak and end in MiB (None without samples)."""
+        if not self.samples:
+            return {"start_mib": None, "peak_mib": None, "end_mib": None, "samples": 0}
+        peak = max(self.samples)
+        return {
+            "start_mib": self.samples[0],
+            "peak_mib": max(peak, self.hwm or peak),
+            "end_mib": self.samples[-1],
+            "max_sampled_mib": peak,
+            "samples": len(self.samples),
+        }

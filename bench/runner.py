@@ -63,9 +63,15 @@ async def idle_cpu(groups: procstat.CpuGroups, seconds: float) -> dict[str, floa
 
 
 async def run_plan(
-    plan: Plan, variants: list[Variant], groups: procstat.CpuGroups
+    plan: Plan,
+    variants: list[Variant],
+    groups: procstat.CpuGroups,
+    rss: procstat.RssWatch | None = None,
 ) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], dict[str, Any]]:
-    """Raw figures ``{workload: {variant: [rep, ...]}}`` and each variant's verify() answer."""
+    """Raw figures ``{workload: {variant: [rep, ...]}}`` and each variant's verify() answer.
+
+    A variant that cannot open or answer verify() is left out of the remaining repetitions;
+    its answer is ``{"error": ...}``. ``rss`` is sampled after every measurement."""
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {
         w.key: {v.name: [] for v in variants} for w in plan.workloads
     }
@@ -75,10 +81,20 @@ async def run_plan(
     began = time.monotonic()
     for rep in range(1, plan.reps + 1):
         for variant in variants:
-            await variant.open()
+            if "error" in answers.get(variant.name, {}):
+                done += len(plan.workloads)
+                continue
             try:
+                await variant.open()
                 if variant.name not in answers:
                     answers[variant.name] = await verify(variant)
+            except Exception as exc:
+                answers[variant.name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                progress(f"  {variant.name} left out: {answers[variant.name]['error']}")
+                await variant.close()
+                done += len(plan.workloads)
+                continue
+            try:
                 for workload in plan.workloads:
                     done += 1
                     left = ""
@@ -98,6 +114,8 @@ async def run_plan(
                     figures = _rep_figures(workload, sample, spent)
                     figures["rep"] = rep
                     raw[workload.key][variant.name].append(figures)
+                    if rss is not None:
+                        rss.sample()
                     if sample.errors:
                         progress(f"  {sample.errors} errors, first: {sample.first_error}")
             finally:

@@ -137,8 +137,12 @@ class PgBouncer:
         return self.proc.pid if self.proc is not None else None
 
     def version(self) -> str:
+        """'1.18.0' (its --version says 'PgBouncer 1.18.0' and more lines)."""
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True)
-        return (out.stdout or out.stderr).strip().splitlines()[0] if out.returncode == 0 else "?"
+        if out.returncode != 0:
+            return "?"
+        first = (out.stdout or out.stderr).strip().splitlines()[0]
+        return first.removeprefix("PgBouncer").strip() or first
 
     def start(self, timeout: float = 15.0) -> None:
         kwargs: dict[str, Any] = {}

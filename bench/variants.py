@@ -6,27 +6,33 @@ closed after it, so at most one variant's direct connections exist at a time.
 Direct variants (asyncpg, asyncpg-default-reset, pgbouncer) use one pool of 10 for
 ``orders`` and one per user shard; their scatter-gather is 4 concurrent queries on the 4
 shard pools merged in Python, the same work the sidecar does for the client. Sidecar
-variants use :class:`client.connection.DatabaseHandle` (eventual consistency) and decode result
-values as the model layer does.
+variants use :class:`client.connection.DatabaseHandle` with hand-made plans (eventual
+consistency) and decode result values as the model layer does. ActiveRecord variants do
+what a service writes: ``Order.find_by_id(k).using(db).one()``, ``Order(...).save()``,
+``User.find().count()`` through the models in bench/models.py (session consistency, the
+client's default). Both kinds take the client transport's mode (``http`` or ``channel``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import inspect
 import itertools
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import asyncpg
 
+from client import ActiveRecord
 from client.connection import DatabaseHandle
 from client.transport import Transport
 from devstack.topology import USER_SHARDS
 from wire.protocol import Count, Insert, OrderBy, Result, Select, Update
 from wire.values import encode_value, row_converters
 
+from .models import Order, User
 from .stack import POOL_SIZE
 
 SHARDS = len(USER_SHARDS)
@@ -130,6 +136,26 @@ class DirectVariant:
         return await self.shards[key % SHARDS].fetch(USER_SQL, key)
 
 
+Mode = Literal["http", "channel"]
+
+
+def transport_modes() -> tuple[str, ...]:
+    """The transports this client offers: HTTP always, the channel once ``Transport`` takes
+    ``mode``."""
+    if "mode" in inspect.signature(Transport).parameters:
+        return ("http", "channel")
+    return ("http",)
+
+
+def make_transport(url: str, mode: Mode) -> Transport:
+    """A transport in ``mode``, named explicitly so a changed default changes no variant."""
+    if "mode" in inspect.signature(Transport).parameters:
+        return Transport(url, mode=mode)  # type: ignore[call-arg]
+    if mode != "http":
+        raise RuntimeError(f"this client has no {mode!r} transport (Transport has no mode)")
+    return Transport(url)
+
+
 def _rows(result: Result) -> list[list[Any]]:
     """Result values back to Python (Decimal, ...), as the model layer does."""
     converters = row_converters(result.types)
@@ -146,17 +172,19 @@ def _eq(col: str, value: Any) -> dict[str, Any]:
 
 
 class SidecarVariant:
-    """client.connection.DatabaseHandle through the sidecar, over TCP or a Unix socket."""
+    """client.connection.DatabaseHandle with hand-made plans through the sidecar, over TCP or a
+    Unix socket, HTTP or the channel."""
 
-    def __init__(self, name: str, url: str) -> None:
+    def __init__(self, name: str, url: str, mode: Mode = "http") -> None:
         self.name = name
         self.url = url
+        self.mode = mode
         self.transport: Transport | None = None
         self.orders: DatabaseHandle | None = None
         self.users: DatabaseHandle | None = None
 
     async def open(self) -> None:
-        self.transport = Transport(self.url)
+        self.transport = make_transport(self.url, self.mode)
         self.orders = DatabaseHandle(
             "bench", transport=self.transport, database="orders", consistency="eventual"
         )
@@ -216,3 +244,92 @@ class SidecarVariant:
     async def shard_read(self, key: int) -> Any:
         plan = Select(database="users", table="users", columns=USER_COLUMNS, where=_eq("id", key))
         return _rows(await self._db(users=True).run(plan))
+
+
+class ActiveRecordVariant:
+    """The ActiveRecord API (bench/models.py) through the sidecar: what a service calls.
+
+    The handles are the client's own ``DatabaseHandle`` with its defaults (session
+    consistency, auto-batching); queries name them with ``using()``, as a service does with
+    ``ConnectionManager.get(...)``'s handles.
+    """
+
+    def __init__(self, name: str, url: str, mode: Mode = "http") -> None:
+        self.name = name
+        self.url = url
+        self.mode = mode
+        self.transport: Transport | None = None
+        self.orders: DatabaseHandle | None = None
+        self.users: DatabaseHandle | None = None
+
+    async def open(self) -> None:
+        self.transport = make_transport(self.url, self.mode)
+        self.orders = DatabaseHandle("orders", transport=self.transport, database="orders")
+        self.users = DatabaseHandle("users", transport=self.transport, database="users")
+
+    async def close(self) -> None:
+        if self.transport is not None:
+            await self.transport.close()
+        self.transport = self.orders = self.users = None
+
+    def _db(self, users: bool = False) -> DatabaseHandle:
+        db = self.users if users else self.orders
+        assert db is not None, "variant not open"
+        return db
+
+    async def point_read(self, key: int) -> Any:
+        return await Order.find_by_id(key).using(self._db()).one()
+
+    async def insert(self, user_id: int) -> Any:
+        return await Order(user_id=user_id, status="new", amount=AMOUNT).save(using=self._db())
+
+    async def transaction(self, key: int, user_id: int) -> Any:
+        async with self._db().transaction() as tx:
+            order = await Order.find_by_id(key).using(tx).one()
+            read = order.to_dict()  # as read, before the update below changes the record
+            order.status = "paid"
+            # A record read in a transaction saves to the transaction's base handle unless
+            # told otherwise: using=tx keeps the update inside it.
+            await order.save(using=tx)
+            await Order(user_id=user_id, status="new", amount=AMOUNT).save(using=tx)
+            return read
+
+    async def scatter_count(self) -> int:
+        return await User.find().using(self._db(users=True)).count()
+
+    async def scatter_top(self) -> list[Any]:
+        query = User.find().order_by(User.score.desc(), User.id).limit(TOP_N)
+        return await query.using(self._db(users=True)).all()
+
+    async def shard_read(self, key: int) -> Any:
+        return await User.find_by_id(key).using(self._db(users=True)).one()
+
+
+# Answers in one comparable form, whatever shape a variant returns (asyncpg records, lists of
+# values from a hand-made plan, model records or their dicts). Outside the measured path.
+
+
+def answer_rows(found: Any, columns: list[str]) -> list[list[str]]:
+    """Rows as lists of ``str(value)`` in ``columns`` order."""
+    if found is None:
+        return []
+    if not isinstance(found, list):
+        found = [found]
+    out = []
+    for row in found:
+        if isinstance(row, ActiveRecord):
+            row = row.to_dict()
+        # A hand-made plan's values come as a list, in ``columns`` order.
+        mapped = isinstance(row, dict | asyncpg.Record)
+        values = [row[c] for c in columns] if mapped else list(row)
+        out.append([str(v) for v in values])
+    return out
+
+
+def answer_inserted(outcome: Any) -> int:
+    """How many rows an insert wrote: asyncpg's status text, a rowcount, or a saved record."""
+    if isinstance(outcome, str):  # "INSERT 0 1"
+        return int(outcome.split()[-1])
+    if isinstance(outcome, ActiveRecord):
+        return 1 if outcome.persisted and outcome.to_dict().get("id") is not None else 0
+    return int(outcome)
