@@ -43,6 +43,12 @@ NODE_BYTES = 160
 # the OrderedDict slot and link, the top-level shape tuple.
 ENTRY_BYTES = 512
 
+# Coalesced forms are built for small statements only, a few per statement: each is a
+# copy of the statement's SQL, and a where-tree of many values could otherwise ask for
+# one per value.
+MAX_COALESCED_SQL = 8 * 1024
+MAX_COALESCED_FORMS = 4
+
 _SQL_OPS = {"=": "=", "!=": "<>", "<": "<", "<=": "<=", ">": ">", ">=": ">=",
             "like": "LIKE", "ilike": "ILIKE"}  # fmt: skip
 
@@ -62,6 +68,12 @@ class Statement:
     # What the compile cache counts for this statement, and its second-chance mark.
     size: int = 0
     used: bool = False
+    # Per bind parameter, its SQL type when a coalesced statement may carry it as an
+    # array (a scalar type), else None; learnt on first run like ``kinds``.
+    param_types: list[str | None] | None = None
+    # Coalesced forms of this statement by the position of the value that varies
+    # (None: that form failed once and is not tried again).
+    coalesced: dict[int, Statement | None] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -73,6 +85,23 @@ class Compiled:
     params: list[Any]
     shape: Shape = ()
     database: str = ""
+
+    @property
+    def coalescible(self) -> bool:
+        """A compiled read (select, count, aggregate): one a coalescer may group."""
+        return bool(self.shape) and self.shape[0] in ("select", "count", "aggregate")
+
+    def where_params(self) -> range:
+        """Positions in ``params`` of the where-tree's values in a read (select, count,
+        aggregate): what a coalesced statement may vary. Empty for anything else."""
+        kind = self.shape[0] if self.shape else None
+        if kind == "count":
+            return range(len(self.params))
+        if kind == "select":
+            return range(len(self.params) - self.shape[5] - self.shape[6])
+        if kind == "aggregate":
+            return range(len(self.params) - self.shape[6] - self.shape[7])
+        return range(0)
 
     def where(self) -> tuple[Shape | None, int]:
         """The normalized where shape (None: no condition) and the index of its first
@@ -125,6 +154,39 @@ class Compiler:
         params = [v for r in rows for v in compiled.params[r * width : (r + 1) * width]]
         key = (kind, table, cols, len(rows), returning)
         return Compiled(self._statement(compiled.database, key), params, key, compiled.database)
+
+    def coalesced(self, compiled: Compiled, at: int) -> Statement | None:
+        """The statement that runs ``compiled``'s shape once per element of an array of
+        values for parameter ``at`` (the last parameter; the others keep their order):
+        ``unnest(...) WITH ORDINALITY`` joined LATERAL to the plan's own SELECT, so each
+        element keeps its own where, order and limit. Each row starts with its element's
+        ordinal and ends with its position in that element's result; at most
+        ``max_result_rows`` + 1 rows in all. None when the type of ``at`` is unknown or
+        not a scalar."""
+        stmt = compiled.statement
+        if at in stmt.coalesced:
+            return stmt.coalesced[at]
+        types = stmt.param_types
+        if types is None or types[at] is None or len(stmt.sql) > MAX_COALESCED_SQL:
+            return None
+        if len(stmt.coalesced) >= MAX_COALESCED_FORMS:
+            return None
+        num = _Numbers(key=at)
+        inner = _build(compiled.shape, num, self.max_result_rows).sql
+        cap = "" if self.max_result_rows is None else f" LIMIT {self.max_result_rows + 1}"
+        sql = (
+            f'SELECT "dbsidecar.k".o, "dbsidecar.s".* FROM unnest(${len(types)}::{types[at]}[])'
+            ' WITH ORDINALITY AS "dbsidecar.k"(v, o) CROSS JOIN LATERAL (SELECT'
+            ' "dbsidecar.i".*, row_number() OVER () AS "dbsidecar.n" FROM'
+            f' ({inner}) AS "dbsidecar.i") AS "dbsidecar.s" ORDER BY 1, "dbsidecar.n"{cap}'
+        )
+        form = Statement(sql, True, row_cap=self.max_result_rows)
+        stmt.coalesced[at] = form
+        if self._cache.get((compiled.database, compiled.shape)) is stmt:
+            # Counted with its statement: evicting the statement drops its forms too.
+            stmt.size += len(sql) + ENTRY_BYTES
+            self.size += len(sql) + ENTRY_BYTES
+        return form
 
     def _statement(self, database: str, shape: Shape) -> Statement:
         # Per database: the same table name in two databases is two tables, whose result
@@ -246,15 +308,20 @@ def _require_where(where: Shape | None, all_rows: bool, op: str) -> None:
 
 class _Numbers:
     """Hands out $1, $2, ... in the order the shape walk collected the values, and
-    counts the where nodes rendered (for the cache's size estimate)."""
+    counts the where nodes rendered (for the cache's size estimate). With ``key``, the
+    value at that position is the coalesced statement's per-element value instead, and
+    the later ones move up by one."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: int | None = None) -> None:
         self.n = 0
         self.nodes = 0
+        self.key = key
 
     def next(self) -> str:
-        self.n += 1
-        return f"${self.n}"
+        at, self.n = self.n, self.n + 1
+        if self.key is None or at < self.key:
+            return f"${self.n}"
+        return '"dbsidecar.k".v' if at == self.key else f"${at}"
 
 
 def _where_sql(shape: Shape, num: _Numbers) -> str:

@@ -72,6 +72,19 @@ def describe(ps: asyncpg.prepared_stmt.PreparedStatement) -> tuple[list[str], li
     return [a.name for a in attrs], [_kind(a.type) for a in attrs]
 
 
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def param_types(ps: asyncpg.prepared_stmt.PreparedStatement) -> list[str | None]:
+    """Each parameter's qualified SQL type when it is a scalar (one an array can carry
+    element by element, for a coalesced statement), else None."""
+    return [
+        f"{_quoted(t.schema)}.{_quoted(t.name)}" if t.kind == "scalar" else None
+        for t in ps.get_parameters()
+    ]
+
+
 @dataclass(slots=True)
 class Outcome:
     """What one statement produced on one node."""
@@ -158,6 +171,7 @@ async def run_statement(
         # First run of this shape: learn column names and kinds.
         ps = await conn.prepare(stmt.sql, timeout=limit)
         stmt.columns, stmt.kinds = describe(ps)
+        stmt.param_types = param_types(ps)
         records = await ps.fetch(*compiled.params, timeout=limit)
         count = _rowcount(ps.get_statusmsg()) or len(records)
     else:

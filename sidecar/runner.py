@@ -95,6 +95,12 @@ def _execute(
     rt: Runtime, route: Route, target: Target, node: Node, role: str, compiled: Compiled
 ) -> Awaitable[list[Outcome]]:
     plan = target.plan
+    if not route.writes and compiled.coalescible:
+        pool = route.db.settings.pool
+        coalesced = rt.coalescer.read(
+            rt.compiler, rt.settings.coalescing, node, role, target.shard.name, compiled, pool
+        )
+        return observed(rt, route.db, target.shard, node, role, plan, coalesced)
     statement = execute(
         node,
         role,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .coalesce import Coalescer
 from .compiler import Compiler
 from .router import Router
 from .settings import LimitsSettings, Settings
@@ -31,13 +32,15 @@ class Runtime:
     # One router for the process: its decision counters outlive reloads.
     router: Router
     compiler: Compiler
+    # One for the process too: reads in flight across a reload still meet their group.
+    coalescer: Coalescer
 
     @classmethod
     def first(cls, settings: Settings, topology: Topology) -> Runtime:
-        return cls(settings, topology, Router(), compiler_for(settings.limits))
+        return cls(settings, topology, Router(), compiler_for(settings.limits), Coalescer())
 
     def renewed(self, settings: Settings, topology: Topology) -> Runtime:
         """The snapshot after a reload; the compile cache stays unless the limits changed."""
         same = settings.limits == self.settings.limits
         compiler = self.compiler if same else compiler_for(settings.limits)
-        return Runtime(settings, topology, self.router, compiler)
+        return Runtime(settings, topology, self.router, compiler, self.coalescer)
