@@ -205,16 +205,30 @@ def _versions(stack: Stack) -> dict[str, str]:
 
 
 def _sidecar_counters(stack: Stack) -> dict[str, Any]:
-    """Compile-cache and routing counters from the sidecar's /v1/topology."""
+    """Compile-cache and routing counters from the sidecar's /v1/topology; channel frames
+    and coalesced reads from its /metrics (0 where the sidecar has no such metric)."""
     import json
 
     assert stack.sidecar is not None
     try:
         with urllib.request.urlopen(stack.sidecar.url + "/v1/topology", timeout=5) as resp:
             doc = json.loads(resp.read())
+        with urllib.request.urlopen(stack.sidecar.ops + "/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
     except OSError as exc:
         return {"error": str(exc)}
-    return {"compile_cache": doc.get("compile_cache"), "routing": doc.get("routing")}
+    return {
+        "compile_cache": doc.get("compile_cache"),
+        "routing": doc.get("routing"),
+        **report.metric_totals(
+            metrics,
+            {
+                "channel_frames": "dbsidecar_channel_frames_total",
+                "coalesced_plans": "dbsidecar_coalesced_plans_total",
+                "coalesced_statements": "dbsidecar_coalesced_statements_total",
+            },
+        ),
+    }
 
 
 def _groups(stack: Stack) -> procstat.CpuGroups:
@@ -447,6 +461,13 @@ def _print_report(document: dict[str, Any], names: list[str]) -> None:
     cache = document["sidecar"].get("compile_cache")
     if cache:
         print(f"sidecar compile cache: {cache['hits']} hits, {cache['misses']} misses")
+    counters = document["sidecar"]
+    if "channel_frames" in counters:
+        print(
+            f"sidecar counters: {counters['channel_frames']:,.0f} channel frames, "
+            f"{counters['coalesced_plans']:,.0f} reads in {counters['coalesced_statements']:,.0f}"
+            " coalesced statements"
+        )
     for name, status in meta["missing"].items():
         print(f"{name}: {status}")
     for problem in _check_answers(document["answers"]):

@@ -46,8 +46,12 @@ def summarise(
                 g: _median([r["cpu_us_per_op"].get(g) for r in reps])
                 for g in (*CPU_GROUPS, "total")
             }
+            problem = next((r["transport_problem"] for r in reps if "transport_problem" in r), None)
+            status = "ok" if values else "failed"
+            if problem:
+                status = f"failed: {problem}"  # its figures are another transport's
             per_variant[name] = {
-                "status": "ok" if values else "failed",
+                "status": status,
                 "median": statistics.median(values) if values else None,
                 "min": min(values) if values else None,
                 "max": max(values) if values else None,
@@ -268,7 +272,10 @@ def measured(summary: dict[str, Any], variants: list[str]) -> list[str]:
     return [
         n
         for n in variants
-        if any(w["variants"].get(n, {}).get("status") in ("ok", "failed") for w in summary.values())
+        if any(
+            w["variants"].get(n, {}).get("status", "").startswith(("ok", "failed"))
+            for w in summary.values()
+        )
     ]
 
 
@@ -389,6 +396,19 @@ def markdown(document: dict[str, Any], variants: list[str]) -> str:
     if document.get("soak"):
         parts.append(markdown_soak(document["soak"]))
     return "\n\n".join(parts)
+
+
+def metric_totals(text: str, wanted: dict[str, str]) -> dict[str, float]:
+    """Prometheus text: the sum over labels of each wanted metric ({key: metric name})."""
+    totals = dict.fromkeys(wanted, 0.0)
+    names = {metric: key for key, metric in wanted.items()}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in names:
+            totals[names[name]] += float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:

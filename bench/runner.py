@@ -16,7 +16,7 @@ from typing import Any
 
 from . import procstat
 from .variants import Variant
-from .workloads import WORKLOADS, Workload, measure, verify
+from .workloads import WORKLOADS, Workload, measure, transport_problem, verify
 
 
 def progress(line: str) -> None:
@@ -113,6 +113,10 @@ async def run_plan(
                     spent = procstat.delta(before, groups.sample())
                     figures = _rep_figures(workload, sample, spent)
                     figures["rep"] = rep
+                    problem = transport_problem(variant)
+                    if problem:
+                        figures["transport_problem"] = problem
+                        progress(f"  {variant.name}: {problem}")
                     raw[workload.key][variant.name].append(figures)
                     if rss is not None:
                         rss.sample()

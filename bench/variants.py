@@ -171,9 +171,11 @@ def _eq(col: str, value: Any) -> dict[str, Any]:
     return {"col": col, "op": "=", "value": value}
 
 
-class SidecarVariant:
-    """client.connection.DatabaseHandle with hand-made plans through the sidecar, over TCP or a
-    Unix socket, HTTP or the channel."""
+class _ThroughSidecar:
+    """What both kinds of sidecar variant share: a transport in a given mode and two handles
+    (``orders``, and the sharded ``users``), opened per repetition."""
+
+    consistency: Literal["session", "eventual"] = "session"
 
     def __init__(self, name: str, url: str, mode: Mode = "http") -> None:
         self.name = name
@@ -186,10 +188,10 @@ class SidecarVariant:
     async def open(self) -> None:
         self.transport = make_transport(self.url, self.mode)
         self.orders = DatabaseHandle(
-            "bench", transport=self.transport, database="orders", consistency="eventual"
+            "orders", transport=self.transport, database="orders", consistency=self.consistency
         )
         self.users = DatabaseHandle(
-            "bench-users", transport=self.transport, database="users", consistency="eventual"
+            "users", transport=self.transport, database="users", consistency=self.consistency
         )
 
     async def close(self) -> None:
@@ -197,10 +199,25 @@ class SidecarVariant:
             await self.transport.close()
         self.transport = self.orders = self.users = None
 
+    def transport_problem(self) -> str | None:
+        """Why this variant did not measure its transport, if it did not: the channel
+        transport goes over HTTP, silently, once the sidecar turns the channel down."""
+        fell_back = self.transport is not None and getattr(self.transport, "http_only", False)
+        if self.mode == "channel" and fell_back:
+            return "the sidecar refused the channel: its requests went over HTTP"
+        return None
+
     def _db(self, users: bool = False) -> DatabaseHandle:
         db = self.users if users else self.orders
         assert db is not None, "variant not open"
         return db
+
+
+class SidecarVariant(_ThroughSidecar):
+    """client.connection.DatabaseHandle with hand-made plans through the sidecar, over TCP or a
+    Unix socket, HTTP or the channel."""
+
+    consistency = "eventual"
 
     def _insert(self, user_id: int) -> Insert:
         row = {"user_id": user_id, "status": "new", "amount": encode_value(AMOUNT)}
@@ -246,36 +263,13 @@ class SidecarVariant:
         return _rows(await self._db(users=True).run(plan))
 
 
-class ActiveRecordVariant:
+class ActiveRecordVariant(_ThroughSidecar):
     """The ActiveRecord API (bench/models.py) through the sidecar: what a service calls.
 
     The handles are the client's own ``DatabaseHandle`` with its defaults (session
     consistency, auto-batching); queries name them with ``using()``, as a service does with
     ``ConnectionManager.get(...)``'s handles.
     """
-
-    def __init__(self, name: str, url: str, mode: Mode = "http") -> None:
-        self.name = name
-        self.url = url
-        self.mode = mode
-        self.transport: Transport | None = None
-        self.orders: DatabaseHandle | None = None
-        self.users: DatabaseHandle | None = None
-
-    async def open(self) -> None:
-        self.transport = make_transport(self.url, self.mode)
-        self.orders = DatabaseHandle("orders", transport=self.transport, database="orders")
-        self.users = DatabaseHandle("users", transport=self.transport, database="users")
-
-    async def close(self) -> None:
-        if self.transport is not None:
-            await self.transport.close()
-        self.transport = self.orders = self.users = None
-
-    def _db(self, users: bool = False) -> DatabaseHandle:
-        db = self.users if users else self.orders
-        assert db is not None, "variant not open"
-        return db
 
     async def point_read(self, key: int) -> Any:
         return await Order.find_by_id(key).using(self._db()).one()

@@ -237,3 +237,30 @@ def test_command_line() -> None:
         parse(["--variants", "nope"])
     with pytest.raises(SystemExit):
         parse(["--soak", "0"])
+
+
+def test_metric_totals_sum_over_labels() -> None:
+    text = "\n".join(
+        [
+            "# HELP dbsidecar_channel_frames_total Frames received",
+            "# TYPE dbsidecar_channel_frames_total counter",
+            'dbsidecar_channel_frames_total{code="200",kind="plan"} 120.0',
+            'dbsidecar_channel_frames_total{code="200",kind="bundle"} 30.0',
+            "dbsidecar_channel_frames_created 1.7e9",
+            "dbsidecar_channels_open 1.0",
+        ]
+    )
+    wanted = {"frames": "dbsidecar_channel_frames_total", "absent": "dbsidecar_nothing_total"}
+    assert report.metric_totals(text, wanted) == {"frames": 150.0, "absent": 0.0}
+
+
+def test_a_variant_that_left_its_transport_is_not_shown_as_measured() -> None:
+    workloads = [w for w in WORKLOADS if w.key == "point-c32"]
+    rep = _rep(5_000.0, 1)
+    rep["transport_problem"] = "the sidecar refused the channel: its requests went over HTTP"
+    raw = {"point-c32": {"asyncpg": [_rep(10_000.0, 1)], "ar-uds-channel": [rep]}}
+    summary = report.summarise(workloads, raw, ["asyncpg", "ar-uds-channel"], {})
+    status = summary["point-c32"]["variants"]["ar-uds-channel"]["status"]
+    assert status.startswith("failed: the sidecar refused the channel")
+    table = report.markdown_table(summary, ["asyncpg", "ar-uds-channel"])
+    assert "5,000/s" not in table and "failed: the sidecar refused" in table
