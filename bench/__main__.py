@@ -33,6 +33,7 @@ import uvloop
 
 from . import procstat, profile, report
 from .runner import Plan, idle_cpu, progress, run_plan
+from .soak import WINDOW_S as SOAK_WINDOW_S
 from .soak import soak
 from .stack import POOL_SIZE, Stack
 from .variants import (
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 "duration_s": args.duration,
                 "warmup_s": args.warmup,
                 "soak_s": args.soak,
+                "soak_window_s": SOAK_WINDOW_S,
                 "cpus": os.cpu_count(),
                 "loadavg_before": load_before,
                 "loadavg_after": os.getloadavg(),
@@ -403,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             problem = report.chart(png_path, summary, names, title)
             print(f"chart: {problem}" if problem else f"chart: {png_path}")
         if args.soak:
-            return 0 if document["soak"]["rss_target_met"] and not document["soak"]["errors"] else 1
+            found = document["soak"]
+            healthy = not found["errors"] and not found.get("transport_problem")
+            return 0 if found["rss_target_met"] and healthy else 1
         return 1 if _check_answers(document["answers"]) else 0
     except KeyboardInterrupt:
         progress("bench: interrupted; stopping everything")

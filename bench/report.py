@@ -211,7 +211,12 @@ def header_lines(meta: dict[str, Any], sidecar: dict[str, Any]) -> list[str]:
         f"- machine: {meta['cpus']} CPUs, load average (1/5/15 min) {before} before, {after} after",
         "- versions: " + ", ".join(f"{named.get(k, k)} {v}" for k, v in versions.items()),
     ]
-    if meta.get("soak_s") is None:
+    if meta.get("soak_s") is not None:
+        lines.append(
+            f"- method: one workload for {meta['soak_s']:g} s in windows of "
+            f"{meta.get('soak_window_s', 10):g} s, the sidecar's RSS sampled after each window"
+        )
+    else:
         lines.append(
             f"- method: {meta['reps']} reps x {meta['duration_s']:g} s per measurement "
             f"({meta['warmup_s']:g} s warm-up), every variant once per rep (interleaved), "
@@ -368,13 +373,14 @@ def markdown_soak(soak: dict[str, Any]) -> str:
     met = soak["rss_target_met"]
     verdict = "-" if met is None else ("met" if met else "missed")
     low, high = soak["window_ops_per_s_min"], soak["window_ops_per_s_max"]
+    problem = f" ({soak['transport_problem']})" if soak.get("transport_problem") else ""
     spread = f" (windows {_fmt(low)}-{_fmt(high)}/s)" if low is not None else ""
     return "\n".join(
         [
             "| soak | result |",
             "| --- | --- |",
             f"| {soak['workload']} through {soak['variant']}, {soak['elapsed_s']:g} s | "
-            f"{_fmt(soak['ops_per_s'])}/s{spread}, {soak['errors']} errors |",
+            f"{_fmt(soak['ops_per_s'])}/s{spread}, {soak['errors']} errors{problem} |",
             f"| sidecar RSS | {rss_text(rss)} |",
             f"| sidecar RSS < {soak['rss_target_mib']:g} MiB | {verdict} |",
         ]

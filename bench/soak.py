@@ -14,7 +14,7 @@ from typing import Any
 
 from . import procstat
 from .variants import Variant
-from .workloads import Workload, measure
+from .workloads import Workload, measure, transport_problem
 
 RSS_TARGET_MIB = 150.0
 WINDOW_S = 10.0
@@ -57,9 +57,12 @@ async def soak(
                 + (f"{now:.1f} MiB" if now is not None else "unknown")
             )
         elapsed = time.monotonic() - began
+        problem = transport_problem(variant)
     finally:
         await variant.close()
-    return soak_summary(variant.name, workload.key, seconds, elapsed, windows, rss.summary())
+    found = soak_summary(variant.name, workload.key, seconds, elapsed, windows, rss.summary())
+    found["transport_problem"] = problem
+    return found
 
 
 def soak_summary(

@@ -140,6 +140,8 @@ def test_header_says_when_where_what_and_how() -> None:
     assert "idle CPU 0.40% of a core before the run, 0.52% of a core after" in text
     assert "0.25 of 2 cores" in text
     assert "- pgbouncer: not installed (apt-get install pgbouncer)" in text
+    soaked = report.header_lines(_meta(soak_s=600.0, soak_window_s=10.0), _sidecar())
+    assert "- method: one workload for 600 s in windows of 10 s" in "\n".join(soaked)
 
 
 def test_markdown_document_is_self_contained() -> None:
@@ -191,6 +193,9 @@ def test_soak_summary_and_its_markdown() -> None:
     assert (found["window_ops_per_s_min"], found["window_ops_per_s_max"]) == (100.0, 200.0)
     assert (found["errors"], found["first_error"]) == (1, "Timeout: slow")
     assert found["rss_target_met"] is False and found["rss_target_mib"] == RSS_TARGET_MIB
+    found["transport_problem"] = "the sidecar refused the channel: its requests went over HTTP"
+    assert "errors (the sidecar refused the channel" in report.markdown_soak(found)
+    found["transport_problem"] = None
     text = report.markdown_soak(found)
     row = "| point-c32 through ar-uds-channel, 20 s | 150/s (windows 100-200/s), 1 errors |"
     assert row in text
