@@ -18,18 +18,16 @@ from typing import Any, ClassVar, Literal
 import msgspec
 
 from wire.consistency import merge_tokens
-from wire.protocol import Batch, BatchResult, BundleResult, Plan, Result, plan_writes
+from wire.protocol import Batch, BatchResult, Plan, Result, plan_writes
 
 from . import metrics
-from .errors import DbSidecarError, from_error_body
+from .errors import DbSidecarError
 from .transactions import Transaction
 from .transport import Transport, request_id
 
 DEFAULT_URL = "http://127.0.0.1:7432"
 MAX_BUNDLE = 256
-_result = msgspec.json.Decoder(Result)
 _batch_result = msgspec.json.Decoder(BatchResult)
-_bundle_result = msgspec.json.Decoder(BundleResult)
 
 
 class DatabaseHandle:
@@ -54,9 +52,9 @@ class DatabaseHandle:
         self.read_retries = read_retries
         # The newest write token seen through this handle (read-your-writes).
         self.token: str | None = None
-        # Auto-batching: plans issued in the same event-loop turn share one request.
+        # Auto-batching: plans issued in the same event-loop turn share one frame or request.
         self.batching = batching
-        self._pending: list[tuple[bytes, asyncio.Future[Result]]] = []
+        self._pending: list[tuple[bytes, bool, asyncio.Future[Result]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -89,7 +87,7 @@ class DatabaseHandle:
         while True:
             began = time.perf_counter()
             try:
-                result = await self._send(body)
+                result = await self._send(body, writes)
                 metrics.observe(self.database, op, "ok", time.perf_counter() - began)
                 break
             except DbSidecarError as exc:
@@ -102,13 +100,13 @@ class DatabaseHandle:
         self.observe(result.lsn)
         return result
 
-    async def _send(self, body: bytes) -> Result:
+    async def _send(self, body: bytes, writes: bool) -> Result:
         if not self.batching or request_id.get() is not None:
             # A request id names one request, so plans carrying one go alone.
-            return await self.transport.request("POST", "/v1/query", body, _result)
+            return await self.transport.query(body, writes)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        self._pending.append((body, future))
+        self._pending.append((body, writes, future))
         if len(self._pending) == 1:
             # Runs after every coroutine that is ready in this turn had its chance to queue.
             loop.call_soon(self._flush)
@@ -122,24 +120,19 @@ class DatabaseHandle:
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
 
-    async def _deliver(self, pending: list[tuple[bytes, asyncio.Future[Result]]]) -> None:
+    async def _deliver(self, pending: list[tuple[bytes, bool, asyncio.Future[Result]]]) -> None:
+        outcomes: list[Result | BaseException]
         try:
             if len(pending) == 1:
-                body, future = pending[0]
-                outcomes: list[Result | BaseException] = [
-                    await self.transport.request("POST", "/v1/query", body, _result)
-                ]
+                body, writes, _ = pending[0]
+                outcomes = [await self.transport.query(body, writes)]
             else:
-                # The plans are JSON already: join them rather than decode and encode again.
-                bundle = b'{"plans":[' + b",".join(b for b, _ in pending) + b"]}"
-                reply = await self.transport.request("POST", "/v1/bundle", bundle, _bundle_result)
-                outcomes = [
-                    item.result if item.error is None else from_error_body(item.error, item.status)
-                    for item in reply.items
-                ]  # type: ignore[misc]
+                # The plans are JSON already: the bundle joins them as they are.
+                bodies = [body for body, _, _ in pending]
+                outcomes = list(await self.transport.bundle(bodies, [w for _, w, _ in pending]))
         except BaseException as exc:
             outcomes = [exc] * len(pending)
-        for (_, future), outcome in zip(pending, outcomes, strict=True):
+        for (_, _, future), outcome in zip(pending, outcomes, strict=True):
             if future.done():
                 continue  # its caller gave up (cancelled)
             if isinstance(outcome, BaseException):
@@ -164,30 +157,35 @@ class ConnectionManager:
 
     _config: ClassVar[dict[str, dict[str, Any]]] = {}
     _handles: ClassVar[dict[str, DatabaseHandle]] = {}
-    _transports: ClassVar[dict[tuple[str, str | None], Transport]] = {}
+    _transports: ClassVar[dict[tuple[str, str | None, str], Transport]] = {}
     _derived: ClassVar[dict[tuple[int, str], DatabaseHandle]] = {}
 
     @classmethod
     def configure(cls, config: dict[str, dict[str, Any]]) -> None:
         """Name handles: ``{name: {sidecar, database, token?, timeout?, consistency?,
-        batching?}}``."""
+        batching?, transport?}}``; ``transport`` is ``'channel'`` (the default: one
+        WebSocket, many plans in flight) or ``'http'`` (a request per plan or bundle)."""
         for name, entry in config.items():
             unknown = set(entry) - {
-                "sidecar", "database", "token", "timeout", "consistency", "batching"
+                "sidecar", "database", "token", "timeout", "consistency", "batching", "transport"
             }  # fmt: skip
             if unknown:
                 raise ValueError(f"handle {name!r}: unknown settings {sorted(unknown)}")
             if "database" not in entry:
                 raise ValueError(f"handle {name!r} needs a 'database'")
+            if entry.get("transport", "channel") not in ("channel", "http"):
+                raise ValueError(f"handle {name!r}: transport is 'channel' or 'http'")
         cls._config = {**cls._config, **config}
         for name in config:
             cls._handles.pop(name, None)
 
     @classmethod
-    def _transport(cls, url: str, token: str | None, timeout: float) -> Transport:
-        key = (url, token)
+    def _transport(
+        cls, url: str, token: str | None, timeout: float, mode: Literal["channel", "http"]
+    ) -> Transport:
+        key = (url, token, mode)
         if key not in cls._transports:
-            cls._transports[key] = Transport(url, token=token, timeout=timeout)
+            cls._transports[key] = Transport(url, token=token, timeout=timeout, mode=mode)
         return cls._transports[key]
 
     @classmethod
@@ -205,7 +203,8 @@ class ConnectionManager:
             raise LookupError(f"no handle named {name!r}; configured: {sorted(cls._config)}")
         url = entry.get("sidecar") or os.environ.get("DBSIDECAR_URL") or DEFAULT_URL
         token = entry.get("token") or os.environ.get("DBSIDECAR_TOKEN")
-        transport = cls._transport(url, token, float(entry.get("timeout", 60.0)))
+        timeout = float(entry.get("timeout", 60.0))
+        transport = cls._transport(url, token, timeout, entry.get("transport", "channel"))
         handle = DatabaseHandle(
             name,
             transport=transport,

@@ -4,7 +4,9 @@ Every endpoint is a handler from a :class:`Call` (the body, path parameters) to 
 status and a payload, wrapped once by :func:`serve` for auth, request ids, metrics,
 the access log and the JSON error model. The hot endpoints (``/v1/query``,
 ``/v1/bundle``) are served straight from ASGI messages; the rest go through
-Starlette's router, whose per-request cost the hot path does not need.
+Starlette's router, whose per-request cost the hot path does not need. WebSocket
+upgrades go to the channel endpoint (:mod:`sidecar.channel`), which runs each plan
+of its frames through the same :func:`serve`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wire.errors import ErrorCode
 from wire.protocol import (
@@ -52,7 +54,7 @@ from .topology_view import topology_document
 
 log = logging.getLogger("dbsidecar.api")
 access = logging.getLogger("dbsidecar.access")
-_encoder = msgspec.json.Encoder(enc_hook=str)
+encoder = msgspec.json.Encoder(enc_hook=str)
 _plan_decoder = msgspec.json.Decoder(Plan)
 _batch_decoder = msgspec.json.Decoder(Batch)
 _begin_decoder = msgspec.json.Decoder(TxBegin)
@@ -77,7 +79,7 @@ class Call:
 Handler = Callable[[Call], Awaitable[tuple[int, Any]]]
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+def decode(decoder: msgspec.json.Decoder[Any], body: bytes | str) -> Any:
     try:
         return decoder.decode(body)
     except msgspec.DecodeError as exc:
@@ -87,7 +89,7 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
         raise SidecarError(ErrorCode.PLAN_TOO_COMPLEX, "the plan is nested too deeply") from None
 
 
-def _authorized(given: str, token: str) -> bool:
+def authorized(given: str, token: str) -> bool:
     """``Authorization: Bearer <token>``; the scheme is case-insensitive (RFC 7235)."""
     scheme, _, credentials = given.partition(" ")
     # Compare the token even for a wrong scheme, so timing tells nothing about either.
@@ -102,8 +104,8 @@ async def serve(
     read: Callable[[], Awaitable[bytes]],
     params: Mapping[str, str],
     handler: Handler,
-) -> tuple[int, bytes, str]:
-    """Run one request; returns the status, the JSON body and the request id."""
+) -> tuple[int, Any, str]:
+    """Run one request; returns the status, the payload (to encode) and the request id."""
     given = headers.get("x-request-id", "")
     rid = given if _REQUEST_ID.fullmatch(given) else f"{_ID_PREFIX}-{next(_ids)}"
     token = logs.request_id.set(rid)
@@ -127,7 +129,7 @@ async def serve(
                 "duration_ms": round(elapsed * 1000, 3),
             },
         )
-    return status, _encoder.encode(payload), rid
+    return status, payload, rid
 
 
 async def _guarded(
@@ -140,7 +142,7 @@ async def _guarded(
     rt = state.runtime
     try:
         token = rt.settings.auth_token
-        if token is not None and not _authorized(headers.get("authorization", ""), token):
+        if token is not None and not authorized(headers.get("authorization", ""), token):
             raise SidecarError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
         return await handler(Call(state, rt, await read(), params))
     except SidecarError as exc:
@@ -153,20 +155,28 @@ async def _guarded(
 
 # Handlers
 async def query(call: Call) -> tuple[int, Any]:
-    plan = _decode(_plan_decoder, call.body)
+    return await run_plan(decode(_plan_decoder, call.body), call)
+
+
+async def run_plan(plan: Plan, call: Call) -> tuple[int, Any]:
+    """A decoded plan (the channel decodes its frames whole)."""
     return 200, await dispatch.run(call.runtime, plan)
 
 
 async def batch(call: Call) -> tuple[int, Any]:
-    body = _decode(_batch_decoder, call.body)
+    body = decode(_batch_decoder, call.body)
     return 200, await dispatch.run_batch(call.runtime, body.plans)
 
 
 async def bundle(call: Call) -> tuple[int, Any]:
+    return await run_bundle(decode(_bundle_decoder, call.body).plans, call)
+
+
+async def run_bundle(plans: list[Plan], call: Call) -> tuple[int, Any]:
+    """Decoded plans, each on its own (the channel decodes its frames whole)."""
     rt = call.runtime
-    body = _decode(_bundle_decoder, call.body)
     limit = rt.settings.limits.max_batch_plans
-    if len(body.plans) > limit:
+    if len(plans) > limit:
         raise SidecarError(ErrorCode.BAD_PLAN, f"a bundle holds at most {limit} plans")
 
     async def one(plan: Plan) -> BundleItem:
@@ -179,19 +189,19 @@ async def bundle(call: Call) -> tuple[int, Any]:
             error = SidecarError(ErrorCode.INTERNAL, "internal error in the sidecar; see its log")
             return BundleItem(error=error.body(), status=status_of(error.code))
 
-    metrics.bundle_size.observe(len(body.plans))
-    items = await asyncio.gather(*(one(p) for p in body.plans))
+    metrics.bundle_size.observe(len(plans))
+    items = await asyncio.gather(*(one(p) for p in plans))
     return 200, BundleResult(items=list(items))
 
 
 async def tx_begin(call: Call) -> tuple[int, Any]:
-    body = _decode(_begin_decoder, call.body)
+    body = decode(_begin_decoder, call.body)
     tx_id = await call.state.transactions.begin(call.runtime, body.database, body.route.shard)
     return 200, TxOpened(tx_id)
 
 
 async def tx_run(call: Call) -> tuple[int, Any]:
-    plan = _decode(_plan_decoder, call.body)
+    plan = decode(_plan_decoder, call.body)
     return 200, await call.state.transactions.run(call.runtime, call.params["tx_id"], plan)
 
 
@@ -232,21 +242,24 @@ def _route(path: str, handler: Handler, method: str = "POST") -> Route:
         declared = request.headers.get("content-length", "")
         limit = state.settings.limits.max_body_bytes
         read = functools.partial(read_body, request.receive, declared, limit)
-        status, body, rid = await serve(
+        status, payload, rid = await serve(
             state, path, request.headers, read, request.path_params, handler
         )
+        body = encoder.encode(payload)
         return Response(body, status, headers={"x-request-id": rid}, media_type="application/json")
 
     return Route(path, endpoint, methods=[method])
 
 
 class DataPlane:
-    """The data API's ASGI app."""
+    """The data API's ASGI app. ``channel`` serves WebSocket upgrades (the process
+    assembly gives it: the channel builds on this module, so it cannot be imported here)."""
 
     HOT: dict[str, Handler] = {"/v1/query": query, "/v1/bundle": bundle}
 
-    def __init__(self, state: SidecarState) -> None:
+    def __init__(self, state: SidecarState, channel: ASGIApp) -> None:
         self.state = state
+        self.channel = channel
         self.router = Starlette(
             routes=[
                 _route("/v1/query", query),
@@ -265,6 +278,9 @@ class DataPlane:
         self.router.state.sidecar = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self.channel(scope, receive, send)
+            return
         handler = self.HOT.get(scope.get("path", "")) if scope["type"] == "http" else None
         if handler is None or scope["method"] != "POST":
             await self.router(scope, receive, send)
@@ -276,7 +292,8 @@ class DataPlane:
         }
         limit = self.state.settings.limits.max_body_bytes
         read = functools.partial(read_body, receive, headers.get("content-length", ""), limit)
-        status, body, rid = await serve(self.state, scope["path"], headers, read, {}, handler)
+        status, payload, rid = await serve(self.state, scope["path"], headers, read, {}, handler)
+        body = encoder.encode(payload)
         await send(
             {
                 "type": "http.response.start",
@@ -291,5 +308,5 @@ class DataPlane:
         await send({"type": "http.response.body", "body": body})
 
 
-def data_app(state: SidecarState) -> DataPlane:
-    return DataPlane(state)
+def data_app(state: SidecarState, channel: ASGIApp) -> DataPlane:
+    return DataPlane(state, channel)

@@ -3,7 +3,8 @@
 One process, one event loop (uvloop), one uvicorn server per listener: the
 data plane on loopback TCP and/or a Unix socket, the ops port on all interfaces.
 SIGTERM or SIGINT (or POST /quitquitquit) turns readiness to 503 at once, lets
-in-flight requests finish up to shutdown.drain_timeout, closes pools, exits 0.
+in-flight requests finish up to shutdown.drain_timeout, closes the channels (1001),
+closes pools, exits 0.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from starlette.applications import Starlette
 
 from . import gauges, metrics
 from .api import data_app
+from .channel import Channels
 from .health import Prober
 from .http_protocol import MAX_CONCURRENCY, BoundedHttpToolsProtocol
 from .ops import ops_app
@@ -32,6 +34,12 @@ from .topology import Topology
 from .transactions import Transactions
 
 log = logging.getLogger("dbsidecar")
+# Seconds channels get, once the drain is over, to send their last answers and close: the
+# plans are done by then, so only a client that stopped reading takes longer (and is
+# dropped).
+CHANNEL_CLOSE_GRACE = 2.0
+# Pings find a hung channel client (one that exits closes its socket, even on loopback).
+WS_PING_SECONDS = 20.0
 
 
 class _Server(uvicorn.Server):
@@ -47,6 +55,14 @@ def _server(app: Starlette, state: SidecarState, **where: object) -> _Server:
     config = uvicorn.Config(
         app,
         http=protocol,  # type: ignore[arg-type]
+        # The channel's WebSocket: a frame is bounded like a request body (at startup: a
+        # reload that lowers the limit is enforced by the channel itself); no compression
+        # on loopback (CPU for nothing, and inflation is a memory risk).
+        ws="websockets-sansio",
+        ws_max_size=state.settings.limits.max_body_bytes,
+        ws_per_message_deflate=False,
+        ws_ping_interval=WS_PING_SECONDS,
+        ws_ping_timeout=WS_PING_SECONDS,
         limit_concurrency=MAX_CONCURRENCY,
         lifespan="off",
         access_log=False,
@@ -58,9 +74,9 @@ def _server(app: Starlette, state: SidecarState, **where: object) -> _Server:
     return _Server(config)
 
 
-def _listeners(state: SidecarState) -> tuple[list[_Server], _Server, list[str]]:
+def _listeners(state: SidecarState, channels: Channels) -> tuple[list[_Server], _Server, list[str]]:
     settings = state.settings
-    data = data_app(state)
+    data = data_app(state, channels)
     servers, where = [], []
     if settings.listen.port is not None:
         host = settings.listen.host or "127.0.0.1"
@@ -90,7 +106,8 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, config.reload_soon, "signal")
     state.on_quit = stop.set
-    data, ops, where = _listeners(state)
+    channels = Channels(state)
+    data, ops, where = _listeners(state, channels)
     tasks: list[asyncio.Task[None]] = []
     try:
         # The ops port first, so /startupz answers 503 while the rest starts.
@@ -120,6 +137,9 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
         announce(f"dbsidecar draining {state.inflight} in-flight requests")
         if not await state.drained(state.settings.shutdown.drain_timeout):
             log.warning("drain deadline passed with %d requests in flight", state.inflight)
+        # Before the listeners stop: uvicorn would close open channels with 1012 and no
+        # word on the frames they carried.
+        await channels.close(CHANNEL_CLOSE_GRACE)
     finally:
         for server in [*data, ops]:
             server.should_exit = True

@@ -13,6 +13,8 @@ from wire.protocol import (
     BatchResult,
     Bundle,
     BundleResult,
+    ChannelAnswer,
+    ChannelRequest,
     ErrorEnvelope,
     Plan,
     Result,
@@ -97,7 +99,24 @@ _WIRE_TYPES = (
     BatchResult,
     BundleResult,
     ErrorEnvelope,
+    ChannelRequest,
+    ChannelAnswer,
 )
+
+_CHANNEL = """\
+A WebSocket on the data listeners (TCP and the Unix socket) carrying many plans at once.
+Each text frame holds one JSON object. Client to sidecar (ChannelRequest):
+`{"id": n, "plan": Plan}` or `{"id": n, "plans": [Plan, ...]}` (a bundle, as /v1/bundle),
+optionally with `"request_id"`; the id is the client's, unique among its frames in flight.
+Sidecar to client (ChannelAnswer), in completion order: `{"id", "status": 200, "result"}`,
+`{"id", "status": 200, "items": [BundleItem, ...]}` or `{"id", "status", "error"}` with the
+status HTTP would have answered. At most limits.max_channel_inflight plans per channel are
+in flight; beyond it the sidecar stops reading until answers are read. A frame that is not
+valid but names an integer id is answered 400; one without a readable id closes the
+channel with 1007; one beyond limits.max_body_bytes closes it with 1009. On shutdown,
+frames are answered 503 `draining` without running, and once every frame read has been
+answered the channel closes with 1001: a frame without an answer then never ran.
+"""
 
 _TX_ID: list[dict[str, Any]] = [
     {"name": "tx_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -133,6 +152,22 @@ def _operation(
     if parameters:
         operation["parameters"] = parameters
     return operation
+
+
+def _channel_operation() -> dict[str, Any]:
+    return {
+        "summary": "Open a channel: a WebSocket for many plans in flight at once",
+        "description": _CHANNEL,
+        "parameters": [
+            {"name": name, "in": "header", "required": True, "schema": {"const": value}}
+            for name, value in (("connection", "Upgrade"), ("upgrade", "websocket"))
+        ],
+        "responses": {
+            "101": {"description": "Switching protocols: ChannelRequest, ChannelAnswer frames"},
+            "401": {"description": "Missing or wrong bearer token", **_json("ErrorEnvelope")},
+            "503": {"description": "The sidecar is draining", **_json("ErrorEnvelope")},
+        },
+    }
 
 
 def _with_where_trees(components: dict[str, Any]) -> None:
@@ -188,6 +223,9 @@ def openapi_document() -> dict[str, Any]:
                 )
             },
         },
+        # A WebSocket is no HTTP operation a client or a fuzzer could call as one: the
+        # channel is a path item under an extension key.
+        "x-websocket": {"/v1/channel": {get: _channel_operation()}},
         "components": {
             "schemas": components,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

@@ -192,3 +192,30 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
 
 class ErrorEnvelope(msgspec.Struct):
     error: ErrorBody
+
+
+# The channel (GET /v1/channel, a WebSocket): many plans in flight on one connection.
+# Each text frame holds one JSON object; answers come back in completion order and
+# carry the id of the frame they answer.
+class ChannelRequest(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """Client to sidecar: one plan, or a bundle of independent plans (as /v1/bundle)."""
+
+    # Chosen by the client, unique among its frames in flight; echoed in the answer.
+    id: int
+    plan: Plan | None = None
+    plans: list[Plan] | None = None
+    # Logged by the sidecar with the plan (as X-Request-ID on HTTP).
+    request_id: str | None = None
+
+
+class ChannelAnswer(msgspec.Struct, omit_defaults=True):
+    """Sidecar to client: ``result`` for a plan, ``items`` for a bundle (status 200, a
+    status per plan inside), or ``error`` with the status HTTP would have answered."""
+
+    id: int
+    status: int
+    result: Result | None = None
+    items: list[BundleItem] | None = None
+    error: ErrorBody | None = None
+    # On errors: the request id the sidecar logged the failure under.
+    request_id: str | None = None
