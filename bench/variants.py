@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import inspect
 import itertools
 from collections.abc import Callable
 from decimal import Decimal
@@ -139,21 +138,9 @@ class DirectVariant:
 Mode = Literal["http", "channel"]
 
 
-def transport_modes() -> tuple[str, ...]:
-    """The transports this client offers: HTTP always, the channel once ``Transport`` takes
-    ``mode``."""
-    if "mode" in inspect.signature(Transport).parameters:
-        return ("http", "channel")
-    return ("http",)
-
-
 def make_transport(url: str, mode: Mode) -> Transport:
     """A transport in ``mode``, named explicitly so a changed default changes no variant."""
-    if "mode" in inspect.signature(Transport).parameters:
-        return Transport(url, mode=mode)  # type: ignore[call-arg]
-    if mode != "http":
-        raise RuntimeError(f"this client has no {mode!r} transport (Transport has no mode)")
-    return Transport(url)
+    return Transport(url, mode=mode)
 
 
 def _rows(result: Result) -> list[list[Any]]:
