@@ -61,7 +61,7 @@ SIDECAR_VARIANTS: list[tuple[str, str, str, Mode]] = [
     ("ar-tcp-channel", "ar", "tcp", "channel"),
 ]
 DEFAULT_VARIANTS = [name for name, *_ in SIDECAR_VARIANTS[:5]]
-SOAK_VARIANTS = ("ar-uds-channel", "ar-uds-http")
+SOAK_VARIANT = "ar-uds-channel"
 IDLE_S = 3.0
 
 
@@ -88,8 +88,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--soak",
         type=float,
         metavar="SECONDS",
-        help="instead of the table: point-c32 through ar-uds-channel (ar-uds-http without the "
-        "channel) for SECONDS, reporting the sidecar's RSS at start, peak and end "
+        help=f"instead of the table: point-c32 through {SOAK_VARIANT} for SECONDS, reporting the "
+        "sidecar's RSS at start, peak and end "
         "(the issue's check: 600 s, RSS < 150 MiB)",
     )
     p.add_argument(
@@ -274,7 +274,7 @@ async def _soak_all(
     rss = procstat.RssWatch(stack.sidecar.pid if stack.sidecar else None)
     progress(f"bench: measuring idle CPU for {IDLE_S:g} s (health probes, timers)")
     idle = await idle_cpu(groups, IDLE_S)
-    chosen = next(v for name in SOAK_VARIANTS for v in variants if v.name == name)
+    chosen = next(v for v in variants if v.name == SOAK_VARIANT)
     workload = next(w for w in WORKLOADS if w.key == "point-c32")
     progress(f"bench: soak, {workload.key} through {chosen.name} for {args.soak:g} s")
     found = await soak(chosen, workload, args.soak, rss, progress)
@@ -313,10 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(log=progress)
     try:
         stack.start()
-        wanted = list(SOAK_VARIANTS) if args.soak else args.variant_names
+        wanted = [SOAK_VARIANT] if args.soak else args.variant_names
         variants, missing = _variants(stack, wanted)
         if args.soak:
-            variants = [v for v in variants if v.name in SOAK_VARIANTS]
+            variants = [v for v in variants if v.name == SOAK_VARIANT]
             missing = {k: v for k, v in missing.items() if k != "pgbouncer"}
         load_before = os.getloadavg()
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
