@@ -27,6 +27,8 @@ class ActiveRecord:
     __database__: ClassVar[str | None] = None
     _fields: ClassVar[dict[str, Field]] = {}
     _pk: ClassVar[Field | None] = None
+    # Result column -> attribute name, for loading rows.
+    _attributes: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -37,6 +39,7 @@ class ActiveRecord:
                     fields[name] = value
         cls._fields = fields
         cls._pk = next((f for f in fields.values() if f.primary_key), None)
+        cls._attributes = {f.column: f.name for f in fields.values()}
         if "__tablename__" not in cls.__dict__ and fields:
             cls.__tablename__ = cls.__name__.lower() + "s"
 
@@ -188,9 +191,9 @@ class ActiveRecord:
         return row
 
     def _loaded(self, row: dict[str, Any], db: Handle, served_by: list[ServedBy]) -> None:
-        by_column = {f.column: f.name for f in self._fields.values()}
+        attributes, state = self._attributes, self.__dict__
         for column, value in row.items():
-            self.__dict__[by_column.get(column, column)] = value
+            state[attributes.get(column, column)] = value
         self._dirty, self._persisted, self._db, self._served_by = set(), True, db.home, served_by
 
     def _pk_condition(self) -> dict[str, Any]:

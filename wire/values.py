@@ -24,6 +24,7 @@ Result rows go the other way: the sidecar names each column's kind once
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import uuid
 from base64 import b64decode, b64encode
@@ -221,7 +222,13 @@ def _converter(kind: str | None) -> Callable[[Any], Any] | None:
 
 def row_converters(kinds: list[str | None]) -> list[Callable[[Any], Any] | None]:
     """One converter per result column (None where JSON already gives the value)."""
-    return [_converter(k) for k in kinds]
+    return list(_converters(tuple(kinds)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _converters(kinds: tuple[str | None, ...]) -> tuple[Callable[[Any], Any] | None, ...]:
+    # A service reads the same few result shapes over and over.
+    return tuple(_converter(k) for k in kinds)
 
 
 def _float_out(v: Any) -> Any:
