@@ -58,15 +58,22 @@ def refusals_counted(rt: Runtime, database: str) -> Iterator[None]:
     try:
         yield
     except SidecarError as exc:
-        if exc.code in REFUSALS and (found := rt.topology.lookup(database)) is not None:
-            rt.router.count(found[0], "refused")
+        _count_refusal(rt, database, exc)
         raise
 
 
 def routed(rt: Runtime, plan: Plan, checked: Compiled, **binding: Any) -> Route:
     """route(), with its refusals counted as routing decisions."""
-    with refusals_counted(rt, plan.database):
+    try:
         return route(plan, checked, rt.topology, **binding)
+    except SidecarError as exc:
+        _count_refusal(rt, plan.database, exc)
+        raise
+
+
+def _count_refusal(rt: Runtime, database: str, exc: SidecarError) -> None:
+    if exc.code in REFUSALS and (found := rt.topology.lookup(database)) is not None:
+        rt.router.count(found[0], "refused")
 
 
 async def run_target(
