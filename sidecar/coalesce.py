@@ -177,6 +177,9 @@ class Coalescer:
         row_cap = first.statement.row_cap
         per: list[list[tuple[Any, ...]]] = [[] for _ in buckets]
         for row in combined.rows:
+            if not 0 < row[0] <= len(per):
+                # unnest saw other elements than the keys given: never trust the rows.
+                raise SidecarError(ErrorCode.INTERNAL, "a coalesced statement's ordinals")
             per[row[0] - 1].append(row[1:-1])
         if row_cap is not None and any(len(rows) > row_cap for rows in per):
             # One read is past the cap: alone, it answers result_too_large, the rest rows.
@@ -226,6 +229,10 @@ def _split(reads: Sequence[_Read]) -> list[_Part]:
         # They differ in a limit or an offset only: each as it is.
         return [(None, [g]) for g in groups]
     at = varying[0]
+    if any(isinstance(g[0].compiled.params[at], list | tuple) for g in groups):
+        # A list inside the array of keys would become one more dimension of it (a list
+        # for a jsonb document, or a caller's wrong value for a scalar column).
+        return [(None, [g]) for g in groups]
     parts: dict[tuple[Any, ...], list[list[_Read]]] = {}
     for g, s in zip(groups, signatures, strict=True):
         parts.setdefault(s[:at] + s[at + 1 :], []).append(g)
@@ -243,7 +250,11 @@ def _form_failed(exc: SidecarError) -> bool:
 def _settle(r: _Read, outcome: list[Outcome] | BaseException) -> None:
     if r.future is None or r.future.done():
         return  # its caller gave up
-    if isinstance(outcome, BaseException):
+    if isinstance(outcome, SidecarError):
+        # Each caller its own error: one may add its index or its traceback.
+        own = SidecarError(outcome.code, outcome.message, sqlstate=outcome.sqlstate)
+        r.future.set_exception(own)
+    elif isinstance(outcome, BaseException):
         r.future.set_exception(outcome)
     else:
         r.future.set_result(outcome)

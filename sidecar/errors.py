@@ -178,6 +178,14 @@ def is_closed(conn: asyncpg.Connection) -> bool:
         return True  # the pool took the proxy back: its connection closed
 
 
+def refused_by_driver(exc: BaseException) -> bool:
+    """A value asyncpg would not encode: its DataError raised from the codec's own error
+    (a server's error has no cause), or a plain ValueError, TypeError or OverflowError."""
+    if isinstance(exc, ValueError | TypeError | OverflowError):
+        return True
+    return isinstance(exc, asyncpg.exceptions.DataError) and exc.__cause__ is not None
+
+
 def from_exception(
     exc: BaseException, *, writes: bool, conn: asyncpg.Connection | None = None
 ) -> SidecarError:

@@ -27,6 +27,7 @@ from .errors import (
     from_exception,
     is_closed,
     is_connection_error,
+    refused_by_driver,
 )
 from .settings import PoolSettings
 from .topology import Node
@@ -231,6 +232,11 @@ def failed(node: Node, conn: asyncpg.Connection, exc: BaseException) -> None:
             conn.terminate()
         if caused_by(exc, TimeoutError):
             node.suspect.set()
+    elif refused_by_driver(exc) and not is_closed(conn):
+        # A value asyncpg refused to encode, after it had sent Parse and Describe but no
+        # Sync: the session sits in an implicit transaction holding the table's lock
+        # (DDL on that table would wait behind the idle pooled connection). Close it.
+        conn.terminate()
 
 
 async def execute(
@@ -272,8 +278,8 @@ async def execute(
                 for o in outcomes:
                     o.lsn = lsn
         except Exception as exc:
-            failed(node, conn, exc)
             error = from_exception(exc, writes=writes, conn=conn)
+            failed(node, conn, exc)  # after: it may close a connection the caller broke
             if not is_closed(conn) and conn.is_in_transaction():
                 await rollback(conn, timeout)
             if len(statements) > 1 and len(outcomes) < len(statements):
