@@ -157,13 +157,14 @@ def test_markdown_document_is_self_contained() -> None:
 def test_targets() -> None:
     values = report.target_values(_summary(), "ar-uds-http")
     assert values["scatter-count"] == (pytest.approx(1.8), True)
-    assert values["sidecar-cpu"] == (80.0, True)
     assert values["vs-pgbouncer"] == (pytest.approx(1.25), False)
     assert values["vs-asyncpg"] == (pytest.approx(0.5), False)
     assert values["scatter-top"] == (None, False)  # not measured
     targets = report.markdown_targets(_summary(), NAMES)
     assert "scatter ordered limit" not in targets  # a row nobody measured is left out
-    assert "| point read c32 >= 1.5x pgbouncer | met (1.50x) | missed (1.25x) |" in targets
+    row = "| point read c32 >= 2x asyncpg through pgbouncer | missed (1.50x) | missed (1.25x) |"
+    assert row in targets
+    assert values["c1-added"] == (pytest.approx(400.0), False)  # 500 µs against 100 µs
 
 
 def test_rss_watch_reads_this_process_and_keeps_start_peak_end() -> None:
