@@ -194,7 +194,12 @@ class ActiveRecord:
         attributes, state = self._attributes, self.__dict__
         for column, value in row.items():
             state[attributes.get(column, column)] = value
-        self._dirty, self._persisted, self._db, self._served_by = set(), True, db.home, served_by
+        self._dirty, self._persisted, self._db, self._served_by = set(), True, db, served_by
+
+    def _written_through(self) -> Handle:
+        """Where this record's writes go: the handle it was read through (a transaction
+        while it is open, its database once it is over), else the model's database."""
+        return self._db.home if self._db is not None else self.resolve_handle()
 
     def _pk_condition(self) -> dict[str, Any]:
         pk = self._pk_field()
@@ -207,7 +212,7 @@ class ActiveRecord:
 
     async def save(self, using: str | Handle | None = None) -> Self:
         """Insert a new record (filling generated columns) or update changed fields."""
-        db = self._db if using is None and self._db is not None else self.resolve_handle(using)
+        db = self._written_through() if using is None else self.resolve_handle(using)
         if not self._persisted:
             plan: Insert | Update = Insert(
                 database=db.database,
@@ -244,14 +249,14 @@ class ActiveRecord:
         return await self.save()
 
     async def delete(self, using: str | Handle | None = None) -> None:
-        db = (self._db or self.resolve_handle()) if using is None else self.resolve_handle(using)
+        db = self._written_through() if using is None else self.resolve_handle(using)
         plan = Delete(database=db.database, table=self.__tablename__, where=self._pk_condition())
         await db.run(plan)
         self._persisted = False
 
     async def reload(self) -> Self:
         """Read the record again from the primary."""
-        db = self._db or self.resolve_handle()
+        db = self._written_through()
         fresh = (
             await type(self)
             .find_by_id(self.__dict__[self._pk_field().name])

@@ -33,9 +33,10 @@ class Transaction:
         self.id: str | None = None
 
     @property
-    def home(self) -> DatabaseHandle:
-        """Where records read in this transaction go once it is over."""
-        return self.base
+    def home(self) -> Transaction | DatabaseHandle:
+        """Where records read in this transaction write: the transaction while it is
+        open (so a rollback takes their updates back too), its database once it is over."""
+        return self if self.id is not None else self.base
 
     async def __aenter__(self) -> Transaction:
         body = msgspec.json.encode(TxBegin(self.database, Route(shard=self.shard)))

@@ -38,6 +38,24 @@ async def test_an_exception_rolls_everything_back(primary) -> None:
     assert await primary.fetchval("SELECT count(*) FROM orders WHERE user_id = 901") == 0
 
 
+async def test_records_read_in_a_transaction_write_in_it_while_it_is_open(primary) -> None:
+    """``order.update()`` on a record read through ``tx`` is part of ``tx``: a rollback
+    takes it back. Once the transaction is over, the record writes through its database."""
+    db = ConnectionManager.get("default")
+    order = await Order(user_id=902, status="new").save()
+    with pytest.raises(RuntimeError):
+        async with db.transaction() as tx:
+            inside = await Order.find_by_id(order.id).using(tx).one()
+            await inside.update(status="paid")
+            seen = "SELECT status FROM orders WHERE id = $1"
+            assert await primary.fetchval(seen, order.id) == "new"  # not committed yet
+            raise RuntimeError("abort")
+    assert await primary.fetchval("SELECT status FROM orders WHERE id = $1", order.id) == "new"
+    await inside.update(status="shipped")  # the transaction is over: through the handle
+    assert await primary.fetchval("SELECT status FROM orders WHERE id = $1", order.id) == "shipped"
+    await order.delete()
+
+
 async def test_a_transaction_on_a_sharded_database_stays_on_one_shard() -> None:
     db = ConnectionManager.get("users")
     async with db.transaction() as tx:
