@@ -15,7 +15,8 @@ How a call can end besides an answer:
 - :class:`Lost`: the channel dropped (or no answer came in time) after the frame went
   out: it may have run.
 - :class:`Refused`: the upgrade was refused by something that serves no channel (an
-  older sidecar answers 403 or 404): use HTTP.
+  older sidecar answers 403, 404 or 426): use HTTP. Any other refusal (a 5xx) is a
+  failed dial, tried again after the backoff.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ GOING_AWAY = 1001
 BACKOFF_BASE = 0.05
 BACKOFF_CAP = 2.0
 _answers = msgspec.json.Decoder(ChannelAnswer)
+# Upgrade answers that mean "no channel here": Starlette's answer to an unknown WebSocket
+# route (403), a plain 404, 426 Upgrade Required.
+NO_CHANNEL = frozenset({403, 404, 426})
 
 
 class NotRun(Exception):
@@ -75,8 +79,10 @@ class Channel:
         self.pending[frame_id] = future
         try:
             # Once the frame may have reached the socket, a failure is Lost, not NotRun.
-            await self.ws.send_frame(b'{"id":%d,%s}' % (frame_id, fields), aiohttp.WSMsgType.TEXT)
+            # The deadline covers the send too: a sidecar that stops reading blocks it.
             async with asyncio.timeout(self.timeout):
+                frame = b'{"id":%d,%s}' % (frame_id, fields)
+                await self.ws.send_frame(frame, aiohttp.WSMsgType.TEXT)
                 return await future
         except TimeoutError:
             raise Lost(f"no answer within {self.timeout:g} s") from None
@@ -130,6 +136,7 @@ class Dialer:
         self._dialing: asyncio.Task[Channel] | None = None
         self._failures = 0
         self._retry_at = 0.0
+        self._refused_until = 0.0
 
     async def call(self, fields: bytes) -> ChannelAnswer:
         channel = self._channel
@@ -151,6 +158,9 @@ class Dialer:
 
     async def _dial(self) -> Channel:
         loop = asyncio.get_running_loop()
+        if loop.time() < self._refused_until:
+            # Refused a moment ago (draining, a 5xx): HTTP now, the channel after the backoff.
+            raise NotRun("the sidecar refused the channel a moment ago")
         await asyncio.sleep(max(0.0, self._retry_at - loop.time()))
         try:
             ws = await self.session.ws_connect(self.url, max_msg_size=0, decode_text=False)
@@ -161,13 +171,14 @@ class Dialer:
                     code="unauthorized",
                     status=401,
                 ) from None
+            if exc.status in NO_CHANNEL:
+                raise Refused(exc.status) from None
+            self._refused_until = self._back_off(loop)
             if exc.status == 503:  # draining: HTTP still serves until the listener closes
                 raise NotRun("the sidecar is shutting down") from None
-            raise Refused(exc.status) from None
+            raise NotRun(f"the sidecar refused the channel for now ({exc.status})") from None
         except (TimeoutError, aiohttp.ClientConnectionError) as exc:
-            self._failures += 1
-            backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2**self._failures)
-            self._retry_at = loop.time() + random.uniform(0, backoff)
+            self._back_off(loop)
             raise SidecarUnreachable(
                 f"cannot reach the sidecar at {self.where}: {exc or type(exc).__name__}",
                 code="sidecar_unreachable",
@@ -176,6 +187,13 @@ class Dialer:
         self._failures = 0
         self._channel = Channel(ws, self.timeout)
         return self._channel
+
+    def _back_off(self, loop: asyncio.AbstractEventLoop) -> float:
+        """The time before which no dial is tried again."""
+        self._failures += 1
+        backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2**self._failures)
+        self._retry_at = loop.time() + random.uniform(0, backoff)
+        return self._retry_at
 
     async def close(self) -> None:
         if self._dialing is not None:

@@ -39,8 +39,6 @@ log = logging.getLogger("dbsidecar")
 # plans are done by then, so only a client that stopped reading takes longer (and is
 # dropped).
 CHANNEL_CLOSE_GRACE = 2.0
-# Pings find a hung channel client (one that exits closes its socket, even on loopback).
-WS_PING_SECONDS = 20.0
 
 
 class _Server(uvicorn.Server):
@@ -62,8 +60,11 @@ def _server(app: Starlette, state: SidecarState, **where: object) -> _Server:
         ws="websockets-sansio",
         ws_max_size=state.settings.limits.max_body_bytes,
         ws_per_message_deflate=False,
-        ws_ping_interval=WS_PING_SECONDS,
-        ws_ping_timeout=WS_PING_SECONDS,
+        # No keepalive pings: a channel held at its in-flight bound stops reading, so it
+        # would miss the client's pong and be closed under its plans (writes then end
+        # unknown). A client that exits closes its socket, even on loopback; a hung one
+        # holds at most limits.max_channel_inflight answers.
+        ws_ping_interval=None,
         limit_concurrency=MAX_CONCURRENCY,
         lifespan="off",
         access_log=False,
@@ -126,9 +127,10 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
                 raise RuntimeError("a listener stopped during startup")
             await asyncio.sleep(0.01)
         state.started = True
-        # What startup built (modules, settings, pools, the compile cache's first
-        # entries) lives as long as the process: keep it out of every later collection,
-        # which otherwise walks all of it (7% of the sidecar's time at concurrency 32).
+        # What startup built (modules, settings, pools) mostly lives as long as the
+        # process: keep it out of every later collection, which otherwise walks all of it
+        # (7% of the sidecar's time at concurrency 32). What a reload replaces stays
+        # frozen: a one-time cost per startup, not a growing one.
         gc.collect()
         gc.freeze()
         topology = state.topology

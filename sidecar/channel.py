@@ -23,8 +23,13 @@ access log, error model), on the runtime snapshot of the moment it starts.
   cannot be read (not JSON, not an object, no integer id; nested too deeply for the
   decoder unless the id comes first) closes the channel with 1007, since no answer
   could name it.
-- Every frame the sidecar read is answered before it closes a channel itself, so after
-  its close frame (1001 on shutdown, 1007, 1009) a frame without an answer never ran.
+- Every frame the sidecar read is answered before it closes a channel with 1001
+  (shutdown) or 1007, so after those a frame without an answer never ran. A frame over
+  the size limit is refused by uvicorn's WebSocket parser, which closes with 1009 at once:
+  answers still in flight on that channel are lost (their plans may have run).
+- An upgrade carrying an ``Origin`` header (a web page: browsers apply no same-origin
+  rule to WebSockets) is refused with 403 ``cross_origin``; past ``limits.max_channels``
+  open channels, with 503 ``too_many_channels`` (the client then uses HTTP).
 - Shutdown: while draining, frames are answered 503 ``draining`` without running;
   once the in-flight plans have drained, :meth:`Channels.close` stops every channel's
   reading, sends the answers still pending and closes with 1001 (going away), all
@@ -268,11 +273,10 @@ class Channels:
             # As for any unknown WebSocket route: uvicorn answers the upgrade 403.
             await send({"type": "websocket.close"})
             return
-        authorization = next(
-            (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), ""
-        )
+        headers = dict(scope["headers"])
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
         await receive()  # websocket.connect
-        refusal = self._refusal(authorization)
+        refusal = self._refusal(authorization, b"origin" in headers)
         if refusal is not None:
             await self._refuse(send, refusal)
             return
@@ -287,12 +291,25 @@ class Channels:
             self._open.discard(channel)
             metrics.channels_open.dec()
 
-    def _refusal(self, authorization: str) -> SidecarError | None:
+    def _refusal(self, authorization: str, from_a_page: bool) -> SidecarError | None:
+        if from_a_page:
+            # Browsers send Origin and apply no same-origin rule to WebSockets: any web
+            # page could otherwise read the databases through a sidecar on the
+            # developer's loopback. The client and other programs send none.
+            return SidecarError(
+                ErrorCode.CROSS_ORIGIN, "a channel from a web page (Origin header) is refused"
+            )
         token = self.state.settings.auth_token
         if token is not None and not api.authorized(authorization, token):
             return SidecarError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
         if self.state.draining:
             return SidecarError(ErrorCode.DRAINING, "the sidecar is shutting down")
+        limit = self.state.settings.limits.max_channels
+        if len(self._open) >= limit:
+            return SidecarError(
+                ErrorCode.TOO_MANY_CHANNELS,
+                f"{limit} channels are open (limits.max_channels); use HTTP or retry",
+            )
         return None
 
     async def _refuse(self, send: Send, error: SidecarError) -> None:

@@ -180,6 +180,9 @@ class LimitsSettings(_Section):
     # Plans one channel (WebSocket) may have in flight; past it the sidecar stops reading
     # that channel's frames until answers go out (backpressure, bounded memory).
     max_channel_inflight: int = 256
+    # Channels open at once (a pod's processes need one per event loop); past it an
+    # upgrade answers 503 and the client uses HTTP.
+    max_channels: int = 64
 
 
 class CoalescingSettings(_Section):
@@ -306,7 +309,7 @@ def _check(settings: Settings) -> None:
     limits = settings.limits
     for key in ("max_body_bytes", "max_header_bytes", "max_where_depth", "max_batch_plans",
                 "max_in_values", "compile_cache_bytes", "max_result_rows",
-                "max_channel_inflight"):  # fmt: skip
+                "max_channel_inflight", "max_channels"):  # fmt: skip
         if getattr(limits, key) < 1:
             raise ConfigError(f"limits.{key}: must be at least 1")
     if settings.coalescing.max_plans < 2:

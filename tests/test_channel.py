@@ -278,8 +278,9 @@ async def test_callers_share_one_dial_and_failed_dials_back_off() -> None:
             with pytest.raises(SidecarUnreachable):
                 await db.run(number(0))
             assert dialer._failures == failures
+            # The jitter may be any part of the backoff, so the wait may be over already.
             wait = dialer._retry_at - asyncio.get_running_loop().time()
-            assert 0 <= wait <= min(BACKOFF_CAP, BACKOFF_BASE * 2**failures)
+            assert wait <= min(BACKOFF_CAP, BACKOFF_BASE * 2**failures)
         assert accepted <= 8
     finally:
         await db.transport.close()

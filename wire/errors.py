@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     CONFIG_FILE_ERROR = "config_file_error"
     CONNECTION_FAILURE = "connection_failure"
     CRASH_SHUTDOWN = "crash_shutdown"
+    CROSS_ORIGIN = "cross_origin"
     CROSS_SHARD_BATCH = "cross_shard_batch"
     CROSS_SHARD_TRANSACTION = "cross_shard_transaction"
     DATA_EXCEPTION = "data_exception"
@@ -91,6 +92,7 @@ class ErrorCode(StrEnum):
     STATEMENT_TIMEOUT = "statement_timeout"
     SYNTAX_ERROR = "syntax_error"
     SYSTEM_ERROR = "system_error"
+    TOO_MANY_CHANNELS = "too_many_channels"
     TOO_MANY_TRANSACTIONS = "too_many_transactions"
     TRANSACTION_ABORTED = "transaction_aborted"
     TRANSACTION_LOST = "transaction_lost"
@@ -123,6 +125,7 @@ RETRYABLE: frozenset[ErrorCode] = frozenset(
         ErrorCode.CRASH_SHUTDOWN,
         ErrorCode.DEADLOCK_DETECTED,
         ErrorCode.DRAINING,
+        ErrorCode.TOO_MANY_CHANNELS,
         ErrorCode.INSUFFICIENT_RESOURCES,
         ErrorCode.LOCK_NOT_AVAILABLE,
         ErrorCode.NO_PRIMARY,

@@ -5,6 +5,9 @@
 - A client that floods thousands of frames and reads no answer is held at
   ``limits.max_channel_inflight``: the sidecar stops reading it, its memory stays
   bounded, other clients are served, and every frame is answered once it reads.
+- An upgrade from a web page (an ``Origin`` header: browsers apply no same-origin rule
+  to WebSockets) is refused with 403 ``cross_origin``; past ``limits.max_channels`` open
+  channels an upgrade gets 503 ``too_many_channels`` and the client uses HTTP.
 - A frame beyond ``limits.max_body_bytes`` closes the channel with 1009, unread.
 - Frames that are not valid get a 400 answer naming their id and the channel goes on;
   frames without a readable id close it with 1007. Nothing of either runs, and no node
@@ -582,5 +585,47 @@ async def test_sigterm_drops_a_channel_whose_client_stopped_reading(
             proc.proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(proc.proc.wait, 30) == 0
         assert "did not take their last answers" in proc.log()
+    finally:
+        proc.terminate()
+
+
+async def test_an_upgrade_from_a_web_page_is_refused(sidecar: SidecarProcess) -> None:
+    """A page open in the developer's browser must not read the databases through the
+    sidecar on loopback: its WebSocket carries an Origin header, and is refused."""
+    async with aiohttp.ClientSession() as http:
+        for origin in ("https://evil.example", "null", f"{sidecar.url}"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(sidecar.url + "/v1/channel", headers={"Origin": origin})
+            assert refused.value.status == 403, origin
+        key = base64.b64encode(os.urandom(16)).decode()
+        upgrade = {"Origin": "https://evil.example", "Connection": "Upgrade",
+                   "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                   "Sec-WebSocket-Key": key}  # fmt: skip
+        async with http.get(sidecar.url + "/v1/channel", headers=upgrade) as resp:
+            assert resp.status == 403
+            assert (await resp.json())["error"]["code"] == "cross_origin"
+
+
+async def test_channels_past_the_limit_are_refused_and_the_client_uses_http(
+    topology: LocalTopology, workdir: Path
+) -> None:
+    config = sidecar_config(topology, workdir, "channels")
+    config["limits"] = {**config.get("limits", {}), "max_channels": 2}
+    proc = SidecarProcess(config, workdir, "channels")
+    proc.start()
+    try:
+        async with raw_channel(proc.url), raw_channel(proc.url):
+            assert channels_open(proc) == 2
+            async with aiohttp.ClientSession() as http:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(proc.url + "/v1/channel")
+                assert refused.value.status == 503
+            db = handle(proc.url)
+            try:
+                result = await db.run(raw("SELECT 41 + 1", writes=False))
+                assert result.rows == [[42]]
+            finally:
+                await db.transport.close()
+            assert channels_open(proc) == 2
     finally:
         proc.terminate()
