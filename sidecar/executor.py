@@ -6,6 +6,7 @@ consistency token later reads pass back for read-your-writes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -116,13 +117,12 @@ async def acquire(node: Node, acquire_timeout: float) -> asyncpg.Connection:
     if node.pool is None:
         raise SidecarError(ErrorCode.NODE_UNAVAILABLE, f"node {node.name} has no pool")
     began = time.perf_counter()
-    # With a free slot the acquire cannot wait for another caller, so skip
-    # asyncio.timeout's cost (a large item in the sidecar's profile at concurrency 32).
-    # Counted here in O(1), where the pool's get_idle_size() walks every connection; a
-    # new connection it may open is bounded by the pool's connect timeout.
-    timeout = None if node.busy < node.pool.get_max_size() else acquire_timeout
     try:
-        conn = await node.pool.acquire(timeout=timeout)
+        # Always bounded, even with free slots: one may have to open its connection first
+        # (and the callers queued behind it wait for that). asyncio.timeout, not the pool's
+        # timeout argument, which wraps every acquire in a task of its own.
+        async with asyncio.timeout(acquire_timeout):
+            conn = await node.pool.acquire()
     except TimeoutError:
         metrics.acquire_timeouts(node.db_label, node.shard_label, node.name).inc()
         raise SidecarError(
