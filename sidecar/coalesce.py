@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import decimal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,8 +88,7 @@ class Coalescer:
     ) -> list[Outcome]:
         """Run one read, in a group when others of its statement arrive on its node."""
         if not settings.enabled:
-            return await execute(node, role, shard, [compiled], writes=False,
-                                 transaction=False, pool=pool)  # fmt: skip
+            return await _run_alone(node, role, shard, compiled, pool)
         key = (id(node), id(compiled.statement))
         group = self._open.get(key)
         if group is not None:
@@ -110,8 +109,7 @@ class Coalescer:
             raise
         self._close(key, group)
         if len(group.reads) == 1:
-            return await execute(node, role, shard, [compiled], writes=False,
-                                 transaction=False, pool=pool)  # fmt: skip
+            return await _run_alone(node, role, shard, compiled, pool)
         mine: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         group.reads[0].future = mine
         self._start(compiler, group, group.reads)
@@ -203,9 +201,15 @@ class Coalescer:
 
         await asyncio.gather(*(alone(r) for r in reads))
 
-    def _alone(self, group: _Group, compiled: Compiled) -> Any:
-        return execute(group.node, group.role, group.shard, [compiled], writes=False,
-                       transaction=False, pool=group.pool)  # fmt: skip
+    def _alone(self, group: _Group, compiled: Compiled) -> Awaitable[list[Outcome]]:
+        return _run_alone(group.node, group.role, group.shard, compiled, group.pool)
+
+
+def _run_alone(
+    node: Node, role: str, shard: str | None, compiled: Compiled, pool: PoolSettings
+) -> Awaitable[list[Outcome]]:
+    """A read as it runs without coalescing."""
+    return execute(node, role, shard, [compiled], writes=False, transaction=False, pool=pool)
 
 
 # A part of a group: the position of the value that varies (None: no value varies) and
