@@ -440,9 +440,6 @@ async def test_patroni_style_failover_moves_writes(
         replica = await asyncpg.connect(pair.replica.dsn("orders", pair.user, pair.password))
         await replica.execute("SELECT pg_promote()")
         await replica.close()
-        # Patroni swaps the tags and the old leader's check fails.
-        consul.register_service("b", "pg", "127.0.0.1", pair.replica.port, ["master"])
-        consul.set_check_status("a", "critical")
 
         async def writes_on_b() -> bool:
             try:
@@ -450,10 +447,24 @@ async def test_patroni_style_failover_moves_writes(
             except DbSidecarError:
                 return False
 
-        await eventually(writes_on_b, 10, "writes to move to the promoted node")
-        # The promotion was seen by the probe, and it fenced the old primary.
-        assert "pg/b now reports primary role" in proc.log()
+        # The probe sees the promotion before the registry says anything, and fences the old
+        # primary. Only then does the registry change: were it first, the reload would rebuild
+        # pg/b as a primary and the probe would have no change to see.
+        async def promotion_seen() -> bool:
+            return "pg/b now reports primary role" in proc.log()
+
+        await eventually(promotion_seen, 10, "the probe to see pg/b promoted")
         assert "pg/a fenced" in proc.log()
+        await eventually(writes_on_b, 10, "writes to move to the promoted node")
+        # Patroni swaps the tags and the old leader's check fails; writes stay on pg/b.
+        consul.register_service("b", "pg", "127.0.0.1", pair.replica.port, ["master"])
+        consul.set_check_status("a", "critical")
+
+        async def a_retired() -> bool:
+            return "retired" in proc.log()
+
+        await eventually(a_retired, 10, "the reload to retire pg/a")
+        assert await writes_on_b()
         assert (await doc(proc))["config"]["last_error"] is None
     finally:
         proc.terminate()
