@@ -119,7 +119,9 @@ class Channel:
 
     async def close(self) -> None:
         await self.ws.close()
-        await self._reader
+        # The reader may have been cancelled already (asyncio.run cancels every task
+        # before it finalizes the transport); that is not a failure of close().
+        await asyncio.gather(self._reader, return_exceptions=True)
 
 
 class Dialer:

@@ -65,6 +65,17 @@ class DatabaseHandle:
         """Where records read through this handle are written back."""
         return self
 
+    async def close(self) -> None:
+        """Close the connections to the sidecar (shared by the handles of one sidecar URL
+        and token). A handle used again afterwards reconnects."""
+        await self.transport.close()
+
+    async def __aenter__(self) -> DatabaseHandle:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     def transaction(self, shard: str | int | None = None) -> Transaction:
         """``async with db.transaction() as tx:`` — plans sent ``using(tx)`` run in it."""
         return Transaction(self, shard)
@@ -164,7 +175,12 @@ class ConnectionManager:
     def configure(cls, config: dict[str, dict[str, Any]]) -> None:
         """Name handles: ``{name: {sidecar, database, token?, timeout?, consistency?,
         batching?, transport?}}``; ``transport`` is ``'channel'`` (the default: one
-        WebSocket, many plans in flight) or ``'http'`` (a request per plan or bundle)."""
+        WebSocket, many plans in flight) or ``'http'`` (a request per plan or bundle).
+
+        The read/write form ``{'orders': {'write': URL, 'read': [URL, ...]}}`` is accepted
+        too: both name the sidecar (it routes writes to the primary and
+        ``using_read_replica()`` reads to replicas), and ``database`` defaults to the name."""
+        config = {name: _handle_entry(name, entry) for name, entry in config.items()}
         for name, entry in config.items():
             unknown = set(entry) - {
                 "sidecar", "database", "token", "timeout", "consistency", "batching", "transport"
@@ -253,3 +269,33 @@ class ConnectionManager:
     def reset(cls) -> None:
         """Forget every handle (tests, reconfiguration)."""
         cls._config, cls._handles, cls._transports, cls._derived = {}, {}, {}, {}
+
+
+def _handle_entry(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A handle's settings, with the read/write form turned into ``sidecar``."""
+    if "write" not in entry and "read" not in entry:
+        return entry
+    rest = {k: v for k, v in entry.items() if k not in ("write", "read")}
+    if "sidecar" in rest:
+        raise ValueError(f"handle {name!r}: give 'sidecar' or 'write'/'read', not both")
+    write = entry.get("write")
+    reads = entry.get("read", [])
+    reads = [reads] if isinstance(reads, str) else list(reads)
+    for url in [write, *reads]:
+        if not isinstance(url, str) or not url.startswith(_SIDECAR_SCHEMES):
+            # Never echo the value: a database URL here would carry a password.
+            raise ValueError(
+                f"handle {name!r}: 'write' and 'read' name the sidecar (http://host:port or "
+                "unix:///path), never a database: the client holds no database credentials. "
+                "Put the primary and replicas in the sidecar's configuration "
+                f"(databases.{entry.get('database', name)}) and point both here at the sidecar"
+            )
+    if any(url.rstrip("/") != write.rstrip("/") for url in reads):  # type: ignore[union-attr]
+        raise ValueError(
+            f"handle {name!r}: 'read' must name the same sidecar as 'write'; the sidecar "
+            "itself chooses among the replicas (using_read_replica())"
+        )
+    return {"database": name, **rest, "sidecar": write}
+
+
+_SIDECAR_SCHEMES = ("http://", "https://", "unix://")

@@ -17,6 +17,7 @@ from wire.values import encode_value
 from .connection import ConnectionManager, Handle
 from .errors import DbSidecarError, RecordNotFound
 from .fields import Field, PrimaryKeyField, TimestampField, UUIDField
+from .pending import PendingWrite
 from .query import Query
 from .results import Rows, decode
 
@@ -56,8 +57,11 @@ class ActiveRecord:
         self._dirty = set(values)
 
     def __repr__(self) -> str:
-        pk = self._pk.name if self._pk else None
-        return f"<{type(self).__name__} {pk}={self.__dict__.get(pk) if pk else None}>"
+        # Through the class: a field read through an instance is its value, not the field.
+        pk = type(self)._pk
+        if pk is None:
+            return f"<{type(self).__name__}>"
+        return f"<{type(self).__name__} {pk.name}={self.__dict__.get(pk.name)!r}>"
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and self.to_dict() == other.to_dict()  # type: ignore[union-attr]
@@ -210,8 +214,13 @@ class ActiveRecord:
             )
         return {"col": pk.column, "op": "=", "value": pk.wire_value(value)}
 
-    async def save(self, using: str | Handle | None = None) -> Self:
-        """Insert a new record (filling generated columns) or update changed fields."""
+    def save(self, using: str | Handle | None = None) -> PendingWrite[Self]:
+        """Insert a new record (filling generated columns) or update changed fields:
+        ``await record.save()``, or ``await record.save().using(shard)`` to write
+        through another handle, transaction, database or shard."""
+        return PendingWrite(self._save, using, f"{self!r}.save()")
+
+    async def _save(self, using: str | Handle | None) -> Self:
         db = self._written_through() if using is None else self.resolve_handle(using)
         if not self._persisted:
             plan: Insert | Update = Insert(
@@ -248,7 +257,11 @@ class ActiveRecord:
             setattr(self, name, value)
         return await self.save()
 
-    async def delete(self, using: str | Handle | None = None) -> None:
+    def delete(self, using: str | Handle | None = None) -> PendingWrite[None]:
+        """Delete the record: ``await record.delete()`` or ``.delete().using(shard)``."""
+        return PendingWrite(self._delete, using, f"{self!r}.delete()")
+
+    async def _delete(self, using: str | Handle | None) -> None:
         db = self._written_through() if using is None else self.resolve_handle(using)
         plan = Delete(database=db.database, table=self.__tablename__, where=self._pk_condition())
         await db.run(plan)

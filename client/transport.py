@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import AsyncIterator
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -70,12 +71,13 @@ class Transport:
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         self._session: aiohttp.ClientSession | None = None
+        self._lifetime: AsyncIterator[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dialer: Dialer | None = None
         # Set when the sidecar turned the channel upgrade down as unknown (older sidecars).
         self.http_only = False
 
-    def _client(self) -> aiohttp.ClientSession:
+    async def _client(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
             # aiohttp sessions belong to one loop; a new loop (a new test, a new
@@ -89,7 +91,21 @@ class Transport:
                 connector=connector, timeout=self.timeout, headers=self._headers
             )
             self._loop = loop
+            self._lifetime = self._closed_with_loop(self._session)
+            await anext(self._lifetime)
         return self._session
+
+    async def _closed_with_loop(self, session: aiohttp.ClientSession) -> AsyncIterator[None]:
+        """Suspended for as long as ``session`` lives. ``asyncio.run()`` finalizes the
+        async generators of its loop when the loop ends, so a session the service never
+        closed is closed then, instead of warning "Unclosed client session" at exit."""
+        try:
+            yield
+        finally:
+            if self._session is session:
+                await self.close()
+            else:
+                await session.close()
 
     async def request(
         self, method: str, path: str, body: bytes | None, decoder: msgspec.json.Decoder[T],
@@ -99,7 +115,8 @@ class Transport:
         if rid is not None:
             headers = {**(headers or {}), "X-Request-ID": rid}
         try:
-            async with self._client().request(
+            session = await self._client()
+            async with session.request(
                 method, self.base + path, data=body, headers=headers
             ) as resp:
                 payload = await resp.read()
@@ -117,11 +134,11 @@ class Transport:
             raise error
         return decoder.decode(payload)
 
-    def _channel(self, size: int) -> Dialer | None:
+    async def _channel(self, size: int) -> Dialer | None:
         """The channel to send ``size`` bytes of plans on, or None for HTTP."""
         if self.mode != "channel" or self.http_only or size > MAX_FRAME:
             return None
-        session = self._client()
+        session = await self._client()
         if self._dialer is None or self._dialer.session is not session:
             url = self.base + PATH
             self._dialer = Dialer(session, url, self.url, self.timeout.total or 60.0)
@@ -129,7 +146,7 @@ class Transport:
 
     async def _exchange(self, fields: bytes) -> ChannelAnswer | None:
         """One frame over the channel; None when it should go over HTTP instead."""
-        dialer = self._channel(len(fields))
+        dialer = await self._channel(len(fields))
         if dialer is None:
             return None
         rid = request_id.get()
@@ -188,12 +205,14 @@ class Transport:
         return SidecarUnreachable(message, code="sidecar_unreachable", retryable=True)
 
     async def close(self) -> None:
-        if self._dialer is not None:
-            await self._dialer.close()
-            self._dialer = None
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        session, self._session = self._session, None
+        try:
+            if self._dialer is not None:
+                dialer, self._dialer = self._dialer, None
+                await dialer.close()
+        finally:
+            if session is not None and not session.closed:
+                await session.close()
 
 
 def _answer_error(answer: ChannelAnswer) -> DbSidecarError:

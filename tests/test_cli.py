@@ -93,11 +93,15 @@ def test_dev_serves_the_readme_example_and_cleans_up(tmp_path: Path) -> None:
         assert dev.poll() is None, (tmp_path / "dev.log").read_text()
         example = tmp_path / "example.py"
         example.write_text(textwrap.dedent(readme_example()))
+        # -W default shows what a quiet run would hide (ResourceWarning, "never awaited").
         result = subprocess.run(
-            [sys.executable, str(example)], capture_output=True, text=True, timeout=60, cwd=ROOT
-        )
+            [sys.executable, "-W", "default", str(example)],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert "'status': 'paid'" in result.stdout
+        # Nothing on stderr: no "Unclosed client session" at exit, no warning of any kind.
+        assert result.stderr == ""
         output = (tmp_path / "dev.log").read_text()
         data_dir = re.search(r"topology ready in .* \((.*)\)", output).group(1)
         assert Path(data_dir).exists()
