@@ -18,7 +18,7 @@ from typing import Any
 import uvloop
 import yaml
 
-from . import __version__, logs
+from . import __version__, logs, migration_cli
 from .settings import ConfigError, Settings, load_settings
 
 DEFAULT_OPS = "http://127.0.0.1:9432"
@@ -224,6 +224,8 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration and exit")
     check.add_argument("--config", metavar="FILE", help="YAML or JSON configuration file")
     check.set_defaults(func=cmd_check_config)
+
+    migration_cli.add_parser(sub)
     return p
 
 

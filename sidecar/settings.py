@@ -129,6 +129,23 @@ class ShardSettings(_Section):
     service: ServiceSettings | None = None
 
 
+class MigrationSettings(_Section):
+    """Schema migrations of one database (``dbsidecar migrate``, ``POST /v1/migrate``).
+    The section's presence lets the app migrate the database through the API."""
+
+    # The folder of <version>_<name>.sql files; used by the CLI without --dir and by
+    # POST /v1/migrate requests that send no files.
+    dir: str | None = None
+    # /readyz answers 503 while the database's shards are at different versions (or one
+    # has a failed migration).
+    require_consistent: bool = False
+    # Seconds a migrator waits for another one's lock on a shard before giving up.
+    lock_timeout: float = 900.0
+    # Seconds between the running sidecar's readings of each shard's version (also read
+    # at startup and after every migration through the API).
+    version_interval: float = 60.0
+
+
 class DatabaseSettings(_Section):
     primary: NodeSettings | None = None
     replicas: list[NodeSettings] = []
@@ -143,6 +160,7 @@ class DatabaseSettings(_Section):
     pool: PoolSettings = msgspec.field(default_factory=PoolSettings)
     sharding: ShardingSettings | None = None
     shards: list[ShardSettings] = []
+    migrations: MigrationSettings | None = None
 
 
 class ListenSettings(_Section):
@@ -322,6 +340,10 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"{where}.pool: need 0 <= min_size <= max_size and max_size >= 1")
         if pool.acquire_timeout <= 0 or pool.statement_timeout < 0:
             raise ConfigError(f"{where}.pool: timeouts must be positive")
+        if db.migrations is not None and (
+            db.migrations.lock_timeout <= 0 or db.migrations.version_interval <= 0
+        ):
+            raise ConfigError(f"{where}.migrations: lock_timeout and version_interval are seconds")
         if db.sharding is None:
             if db.shards:
                 raise ConfigError(f"{where}.shards: shards need a 'sharding' section")

@@ -7,6 +7,7 @@ from wire.errors import ErrorCode
 STATUS: dict[ErrorCode, int] = {
     ErrorCode.ADMIN_SHUTDOWN: 503,
     ErrorCode.BAD_IDENTIFIER: 400,
+    ErrorCode.BAD_MIGRATION: 400,
     ErrorCode.BAD_OPERATOR: 400,
     ErrorCode.BAD_PLAN: 400,
     ErrorCode.BAD_STATEMENT: 400,

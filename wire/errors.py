@@ -14,6 +14,7 @@ from enum import StrEnum
 class ErrorCode(StrEnum):
     ADMIN_SHUTDOWN = "admin_shutdown"
     BAD_IDENTIFIER = "bad_identifier"
+    BAD_MIGRATION = "bad_migration"
     BAD_OPERATOR = "bad_operator"
     BAD_PLAN = "bad_plan"
     BAD_STATEMENT = "bad_statement"
