@@ -75,13 +75,17 @@ RUN groupadd --system --gid 65532 dbsidecar \
 # Wheels come in through a bind mount, so they never land in a layer. pip,
 # setuptools and wheel are removed afterwards: nothing imports them at run time
 # (checked against the dependency set) and they are a steady source of scanner
-# CVEs in an image that is never modified after build. The import at the end
-# fails the build, not the rollout, if the entry point's module is broken.
+# CVEs in an image that is never modified after build. The checks at the end
+# fail the build, not the rollout, if the entry point is broken: the console
+# script runs, and everything `dbsidecar run` imports (sidecar.cli loads the
+# server, sidecar.app and sidecar.reload, only inside `run`) imports without
+# the removed packages.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-cache-dir --disable-pip-version-check --no-index \
         --find-links=/wheels /wheels/dbsidecar-*.whl \
  && pip uninstall --yes setuptools wheel pip \
- && python -c "import sidecar.cli, client"
+ && python -c "import sidecar.app, sidecar.reload, sidecar.cli, client" \
+ && dbsidecar --version
 
 # No HEALTHCHECK: Kubernetes ignores it and uses the startup/liveness/readiness
 # probes on the ops port (/startupz, /livez, /readyz) declared in the Helm

@@ -14,6 +14,8 @@ fails the import here instead of skipping.
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
 import json
 import os
 import re
@@ -177,6 +179,16 @@ def check_pod_spec(deployment: Obj, native: bool) -> None:
     assert {"name": "dbsidecar-socket", "mountPath": "/var/run/dbsidecar"} in app["volumeMounts"]
 
 
+def check_config_checksum(deployment: Obj, config_map: Obj) -> None:
+    """The pod template carries a hash of the configuration it mounts, so pods roll when
+    it changes: it must be the hash of what the ConfigMap holds."""
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    # The ConfigMap holds the document as a YAML block scalar, which adds a final newline.
+    document = config_map["data"]["config.yaml"].removesuffix("\n")
+    expected = hashlib.sha256(document.encode()).hexdigest()
+    assert annotations["checksum/dbsidecar-config"] == expected
+
+
 def definitions(kube_version: str) -> Registry:
     root = files("kubernetes_validate") / "kubernetes-json-schema"
     doc = json.loads((root / f"v{kube_version}.0-local-strict" / "_definitions.json").read_text())
@@ -244,7 +256,10 @@ def test_renders_objects_kubernetes_accepts(
         # field is an error. The returned version shows no older schema stood in.
         assert kubernetes_validate.validate(obj, kube_version, strict=True) == kube_version
     if expected["Deployment"]:
-        check_pod_spec(one(objects, "Deployment"), values["sidecar"]["native"])
+        deployment = one(objects, "Deployment")
+        check_pod_spec(deployment, values["sidecar"]["native"])
+        if expected["ConfigMap"]:
+            check_config_checksum(deployment, one(objects, "ConfigMap"))
 
 
 def test_existing_configmap_is_mounted_by_name_and_key(chart: helm.Chart) -> None:
@@ -461,6 +476,7 @@ spec:
     volumes = deployment["spec"]["template"]["spec"]["volumes"]
     (config,) = [v for v in volumes if v["name"] == "dbsidecar-config"]
     assert config["configMap"]["name"] == one(objects, "ConfigMap")["metadata"]["name"]
+    check_config_checksum(deployment, one(objects, "ConfigMap"))
 
 
 def tool(name: str) -> str:
@@ -531,3 +547,19 @@ def test_image_and_chart_agree() -> None:
     (entrypoint,) = [args for op, args in instructions if op == "ENTRYPOINT"]
     assert json.loads(entrypoint) == ["dbsidecar"]
     assert ("EXPOSE", str(values["config"]["ops"]["port"])) in instructions
+
+
+def test_image_build_imports_what_run_imports() -> None:
+    """`dbsidecar run` imports the server inside the command (so `check-config` and
+    `wait` stay light); the build's import check must name those modules, or a module
+    broken by the image's removed pip/setuptools would pass the build and fail the pod."""
+    lazy = set(re.findall(r"from \.(\w+) import", inspect.getsource(cli.cmd_run)))
+    assert lazy, "cmd_run no longer imports the server lazily; simplify this test"
+    (check,) = [
+        args
+        for op, args in dockerfile_instructions()
+        if op == "RUN" and "python -c" in args and "import sidecar" in args
+    ]
+    imported = set(re.search(r'python -c "import ([^"]+)"', check).group(1).split(", "))
+    assert {f"sidecar.{module}" for module in lazy} | {"sidecar.cli", "client"} <= imported
+    assert "dbsidecar --version" in check
