@@ -424,6 +424,9 @@ def test_full_values_reach_the_sidecar(chart: helm.Chart) -> None:
     app_env = {item["name"]: item for item in app["env"]}
     assert app_env["DBSIDECAR_URL"]["value"] == "http://127.0.0.1:7432"
     assert app_env["DBSIDECAR_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "dbsidecar-token"
+    # The example's stand-in command polls the ops port it is told, not a fixed 9432.
+    assert app_env["EXAMPLE_OPS_PORT"]["value"] == "9500"
+    assert "${EXAMPLE_OPS_PORT}" in app["command"][-1]
 
 
 def test_parent_chart_includes_the_sidecar(chart: helm.Chart, tmp_path: Path) -> None:
