@@ -61,6 +61,8 @@ from typing import Any
 
 import msgspec
 
+from wire.errors import ErrorCode
+
 from . import saga_log, saga_metrics
 from .connection import ConnectionManager, DatabaseHandle
 from .errors import DbSidecarError
@@ -489,7 +491,11 @@ class Orchestrator:
             return _Failed("the saga's deadline passed during the step", retryable=False)
         if isinstance(exc, TimeoutError):
             return _Failed(f"timed out after {step.timeout:g} s", retryable=False)
-        retryable = isinstance(exc, DbSidecarError) and exc.retryable
+        # The sidecar no longer knowing the step's transaction (idle too long, restarted)
+        # means it rolled back: a new one may succeed.
+        retryable = isinstance(exc, DbSidecarError) and (
+            exc.retryable or exc.code == ErrorCode.UNKNOWN_TRANSACTION
+        )
         return _Failed(f"{type(exc).__name__}: {exc}", retryable=retryable)
 
     async def _settle(self, run: _Run, key: str, entry: dict[str, Any], orphan: bool) -> XactStatus:

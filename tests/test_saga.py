@@ -4,12 +4,17 @@ it succeeds, honours step and saga timeouts, settles lost commit answers with
 pg_xact_status, and applies each step once when two orchestrators race for a saga.
 
 Every test uses its own SKU and order ids, so the books of each (stock, orders, payments)
-are checked on their own; the kill -9 tests are in tests/test_saga_crash.py.
+are checked on their own. The kill -9 tests run orchestrators as processes
+(tests/saga_worker.py) that SIGKILL themselves at every event an orchestrator reports.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -22,10 +27,12 @@ from prometheus_client import CollectorRegistry
 from client import ConnectionManager, saga_log, saga_metrics
 from client.saga import Orchestrator, Saga, SagaOutcome, Step
 from client.transactions import Transaction
+from sidecar import saga_view
 
 from .conftest import server_dsn, sidecar_config
 from .harness import SidecarProcess, eventually
 from .saga_order import TABLES, complete, create_order, fail_order, order_saga, release, reserve
+from .saga_worker import LEASE
 
 pytestmark = pytest.mark.usefixtures("handles")
 STOCK = 100
@@ -474,3 +481,134 @@ async def test_a_saga_taken_over_mid_step_by_another_pod_waits_for_the_step(
     (payment,) = [p for p in truth["payments"] if p["order_id"] == b.data["order_id"]]
     assert payment["kind"] == "charge" and payment["amount"] == Decimal("25.00")
     await assert_balanced(saga_dbs, sku, [b])
+
+
+# The checkout's root: the worker runs as `python -m tests.saga_worker` from there.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def crash_sidecar(topology, workdir, handles) -> Any:
+    """The killed workers' sidecar. A worker killed inside a step leaves its transaction open
+    on the sidecar (holding row locks and a connection) until its idle timeout: 3 s here
+    instead of 60, as a pod whose orchestrator dies quickly loses its sidecar too."""
+    config = sidecar_config(topology, workdir, "saga-crash")
+    config["transactions"] = {"idle_timeout": 3.0}
+    for db in config["databases"].values():
+        db["pool"] = {"max_size": 30}
+    proc = SidecarProcess(config, workdir, "saga-crash")
+    proc.start()
+    ConnectionManager.configure({"saga_crash": {"sidecar": proc.url, "database": "orders"}})
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+
+
+async def _crash_everywhere(crash_sidecar, saga_dbs, **flags: Any) -> int:
+    """Run one saga per event an orchestrator reports on this path, each in a worker process
+    that SIGKILLs itself at that event; then resume them all here. Every saga must end as
+    an unkilled run does, with the books of its own SKU balanced. The number of points."""
+    saga = order_saga()
+    # The path's events, in order, from a run that is not killed.
+    events = Recorder()
+    sku = await new_sku(saga_dbs)
+    reference = await Orchestrator([saga], on_event=events).start(saga, order(sku, **flags))
+    assert reference is not None
+    await assert_balanced(saga_dbs, sku, [reference])
+    points = list(dict.fromkeys(events.events))
+    sagas = {point: (str(uuid.uuid4()), await new_sku(saga_dbs)) for point in points}
+    procs: list[asyncio.subprocess.Process] = []
+    # Two cores: more workers at once only queue for them.
+    gate = asyncio.Semaphore(6)
+
+    async def crash(point: tuple[str, int]) -> tuple[tuple[str, int], int | None, bytes]:
+        saga_id, sku = sagas[point]
+        async with gate:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.saga_worker", crash_sidecar.url, saga_id,
+                json.dumps(order(sku, **flags)), point[0], str(point[1]),
+                cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            procs.append(proc)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+            return point, proc.returncode, err
+
+    try:
+        results = await asyncio.gather(*(crash(p) for p in points))
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    survivors = [(p, code, err.decode()[-2000:]) for p, code, err in results if code != -9]
+    assert not survivors, survivors  # each worker died at its point, by SIGKILL
+    # The restart: an orchestrator here takes over once the workers' leases have run out.
+    orchestrator = Orchestrator([saga], log="saga_crash", lease=LEASE, **FAST)
+    outcomes: dict[tuple[str, int], SagaOutcome] = {}
+
+    async def all_finished() -> bool:
+        await orchestrator.resume()
+        for point, (saga_id, _) in sagas.items():
+            outcome = await orchestrator.get(saga_id)
+            assert outcome is not None, point
+            if outcome.finished:
+                outcomes[point] = outcome
+        return len(outcomes) == len(sagas)
+
+    await eventually(all_finished, 90, "every killed saga to finish", interval=0.2)
+    for point, outcome in outcomes.items():
+        assert outcome.state == reference.state, (point, outcome)
+        await assert_balanced(saga_dbs, sagas[point][1], [outcome])
+    return len(points)
+
+
+async def test_kill_9_at_every_point_of_a_completing_saga(crash_sidecar, saga_dbs) -> None:
+    # started, claimed, 4 steps x (begun, committing, committed, logged), completed
+    assert await _crash_everywhere(crash_sidecar, saga_dbs) == 19
+
+
+async def test_kill_9_at_every_point_of_a_compensating_saga(crash_sidecar, saga_dbs) -> None:
+    # started, claimed, 3 steps x 4, complete begun and failed, compensating,
+    # 3 compensations x 4, compensated
+    points = await _crash_everywhere(crash_sidecar, saga_dbs, fail_complete=True)
+    assert points == 2 + 12 + 2 + 1 + 12 + 1
+
+
+def _sagas_command(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    saga_view.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["sagas", *argv])
+    return args.func(args)
+
+
+async def test_the_sagas_command_lists_unfinished_sagas_through_the_sidecar(
+    sidecar, saga_dbs, capsys
+) -> None:
+    async def noop(tx: Transaction, data: dict[str, Any]) -> None:
+        return None
+
+    saga = Saga("viewed", [Step("first", noop), Step("second", noop)])
+    orchestrator = Orchestrator([saga])
+    saga_id = await orchestrator.begin(saga, {"n": 1})
+    for url in (sidecar.url, sidecar.uds_url):
+        code = await asyncio.to_thread(_sagas_command, "--database", "orders", "--url", url)
+        out = capsys.readouterr().out
+        assert code == 0, out
+        (line,) = [line for line in out.splitlines() if line.startswith(saga_id)]
+        assert line.split()[1:6] == ["viewed", "running", "1/2", "first", "0"], line
+        assert out.splitlines()[0].split() == [
+            "ID", "NAME", "STATE", "STEP", "ATTEMPTS", "AGE", "OWNER", "ERROR",
+        ]  # fmt: skip
+    outcome = await orchestrator.run(saga_id)
+    assert outcome is not None and outcome.state == "completed"
+    code = await asyncio.to_thread(_sagas_command, "--database", "orders", "--url", sidecar.url)
+    assert code == 0 and saga_id not in capsys.readouterr().out
+    argv = ("--database", "orders", "--url", sidecar.url, "--all", "--json")
+    assert await asyncio.to_thread(_sagas_command, *argv) == 0
+    rows = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows[saga_id]["state"] == "completed" and rows[saga_id]["owner"] is None
+    # A database without the log says so instead of failing obscurely.
+    argv = ("--database", "inventory", "--url", sidecar.url)
+    assert await asyncio.to_thread(_sagas_command, *argv) == 1
+    assert "no saga log in 'inventory'" in capsys.readouterr().err
