@@ -43,7 +43,7 @@ from wire.protocol import (
     TxOpened,
 )
 
-from . import dispatch, logs, metrics
+from . import dispatch, logs, metrics, migration_api
 from .bodies import read_body
 from .errors import SidecarError
 from .openapi import openapi_document
@@ -214,6 +214,10 @@ async def tx_rollback(call: Call) -> tuple[int, Any]:
     return 200, TxDone()
 
 
+async def migrate(call: Call) -> tuple[int, Any]:
+    return 200, await migration_api.run(call.runtime, call.state.schema, call.body)
+
+
 async def topology(call: Call) -> tuple[int, Any]:
     return 200, topology_document(call.state)
 
@@ -269,6 +273,7 @@ class DataPlane:
                 _route("/v1/tx/{tx_id}", tx_run),
                 _route("/v1/tx/{tx_id}/commit", tx_commit),
                 _route("/v1/tx/{tx_id}/rollback", tx_rollback),
+                _route("/v1/migrate", migrate),
                 _route("/v1/topology", topology, "GET"),
                 _route("/openapi.json", openapi, "GET"),
                 _route("/quitquitquit", quit),

@@ -111,6 +111,7 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
     channels = Channels(state)
     data, ops, where = _listeners(state, channels)
     tasks: list[asyncio.Task[None]] = []
+    versions: asyncio.Task[None] | None = None
     try:
         # The ops port first, so /startupz answers 503 while the rest starts.
         tasks.append(asyncio.create_task(ops.serve()))
@@ -126,6 +127,9 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
                         raise t.exception()  # type: ignore[misc]
                 raise RuntimeError("a listener stopped during startup")
             await asyncio.sleep(0.01)
+        # Each shard's schema version before the first request, then in the background.
+        await state.schema.refresh(state.runtime)
+        versions = asyncio.create_task(state.schema.watch(lambda: state.runtime))
         state.started = True
         # What startup built (modules, settings, pools) mostly lives as long as the
         # process: keep it out of every later collection, which otherwise walks all of it
@@ -149,6 +153,8 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
         # word on the frames they carried.
         await channels.close(CHANNEL_CLOSE_GRACE)
     finally:
+        if versions is not None:
+            versions.cancel()
         for server in [*data, ops]:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+from wire.migrations import MigrateRequest, MigrationReport
 from wire.protocol import (
     COMPARISON_OPS,
     Batch,
@@ -101,6 +102,8 @@ _WIRE_TYPES = (
     ErrorEnvelope,
     ChannelRequest,
     ChannelAnswer,
+    MigrateRequest,
+    MigrationReport,
 )
 
 _CHANNEL = """\
@@ -209,6 +212,15 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/tx/{tx_id}/rollback": {
                 post: _operation("Roll a transaction back", "TxDone", parameters=_TX_ID)
+            },
+            "/v1/migrate": {
+                post: _operation(
+                    "Apply schema migrations to every shard of a database (the files sent, "
+                    "or the configured folder when none); 200 whenever the migrator ran, "
+                    "with ok and each shard's outcome",
+                    "MigrationReport",
+                    "MigrateRequest",
+                )
             },
             "/v1/topology": {get: _operation("The live topology", _TOPOLOGY)},
             "/openapi.json": {get: _operation("This document", {"type": "object"})},

@@ -1,7 +1,8 @@
 """The ops port: Kubernetes probes and node detail. Bodies are short JSON.
 
 /livez never touches a database: a failover must not restart every pod.
-/readyz depends on the databases only when readiness.require_primary is set.
+/readyz depends on the databases only when readiness.require_primary is set, or a
+database's migrations.require_consistent (its shards' schema versions must agree).
 The port listens on all interfaces by default (kubelet and Prometheus reach the pod IP)
 and has no authentication, so no body carries a secret: /healthz is masked like the logs.
 """
@@ -48,6 +49,9 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "draining"}, 503)
     if state.settings.readiness.require_primary and (missing := _primaries_missing(state)):
         return JSONResponse({"status": "no_primary", "databases": missing}, 503)
+    if refused := state.schema.refused(state.runtime):
+        # migrations.require_consistent: the shards of these databases disagree.
+        return JSONResponse({"status": "schema_mismatch", "databases": refused}, 503)
     return JSONResponse({"status": "ok"})
 
 

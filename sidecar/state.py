@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .health import Prober
+from .migration_versions import SchemaVersions
 from .reload import ConfigManager
 from .runtime import Runtime
 from .settings import Settings
@@ -30,6 +31,8 @@ class SidecarState:
     started_at: float = field(default_factory=time.time)
     # Set by the process: begins the same drain as SIGTERM.
     on_quit: Callable[[], None] | None = None
+    # Each shard's schema version, read in the background (never on the request path).
+    schema: SchemaVersions = field(default_factory=SchemaVersions)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

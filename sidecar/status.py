@@ -122,4 +122,21 @@ def render(doc: dict[str, Any], now: Traffic, before: Traffic | None, seconds: f
             )
             if node["last_error"]:
                 lines.append(f"{'':<12} {'':<14} last error: {node['last_error']}")
-    return "\n".join(lines)
+    return "\n".join(lines + _schema_lines(doc))
+
+
+def _schema_lines(doc: dict[str, Any]) -> list[str]:
+    """Each shard's schema version (``dbsidecar migrate status`` says what to do)."""
+    lines = ["", f"{'DATABASE':<12} {'SHARD':<14} {'SCHEMA':>8}  STATE"]
+    for name, db in doc["databases"].items():
+        schema = db.get("schema", {})
+        agree = {True: "consistent", False: "SHARDS DISAGREE", None: "not read yet"}
+        for shard, reading in schema.get("shards", {}).items():
+            state = "ok"
+            if reading["dirty"]:
+                state = f"DIRTY {','.join(map(str, reading['dirty']))}"
+            if reading["error"]:
+                state += f" (not read: {reading['error']})"
+            lines.append(f"{name:<12} {shard:<14} {_fmt(reading['version']):>8}  {state}")
+        lines.append(f"{name:<12} {'':<14} {'':>8}  {agree[schema.get('consistent')]}")
+    return lines

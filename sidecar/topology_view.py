@@ -42,6 +42,7 @@ def topology_document(state: SidecarState) -> dict[str, Any]:
             "shard_function": db.shard_fn.function if db.shard_fn else None,
             "read_default": db.settings.read_default,
             "nodes": [_node(n, s.name) for s in db.shards for n in s.nodes],
+            "schema": state.schema.document(name),
         }
     compiler = state.runtime.compiler
     return {

@@ -14,6 +14,8 @@ Plans for ``/v1/tx/{tx_id}`` run in a real transaction that is committed afterwa
 transactions the fuzzer opens are rolled back, so none holds a pool connection.
 ``/quitquitquit`` is documented but not fuzzed: it stops the shared sidecar.
 ``/v1/admin/reload`` is fuzzed: it re-reads the unchanged configuration file.
+``/v1/migrate`` is fuzzed: the session sidecar enables migrations for no database, so
+every request is refused before a shard is touched.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ def api(sidecar: SidecarProcess, fuzz_tables: None) -> schemathesis.BaseSchema:
         "/v1/tx/{tx_id}",
         "/v1/tx/{tx_id}/commit",
         "/v1/tx/{tx_id}/rollback",
+        "/v1/migrate",
         "/v1/topology",
         "/openapi.json",
         "/quitquitquit",
