@@ -160,4 +160,6 @@ def read_folder(folder: str | Path) -> list[Migration]:
         except OSError as exc:
             raise MigrationFilesError(f"{entry.name}: cannot read it ({exc.strerror})") from None
         files.append(MigrationFile(version, name, sql))
+    if not files:
+        raise MigrationFilesError(f"{path}: no <version>_<name>.sql files")
     return checked(files)

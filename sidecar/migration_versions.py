@@ -19,7 +19,7 @@ from typing import Any
 from . import logs
 from .migration_table import TABLE
 from .runtime import Runtime
-from .topology import Database
+from .topology import Database, Node, Shard
 
 log = logging.getLogger("dbsidecar.migrations")
 # Seconds one shard's reading may take (a pool connect to a node that is down).
@@ -35,6 +35,16 @@ class ShardVersion:
     checked_at: float
     # Why the last reading failed (the version above is then the one before, if any).
     error: str | None = None
+
+
+def _primary(shard: Shard) -> Node:
+    """The node the shard's writes go to, chosen without the router (whose decision
+    counters are for requests, not this background reading)."""
+    trusted = [n for n in shard.reporting_primary() if not n.fenced]
+    node = trusted[0] if trusted else shard.primary
+    if node is None or node.pool is None:
+        raise ConnectionError("no primary to read from")
+    return node
 
 
 @dataclass(eq=False)
@@ -60,9 +70,7 @@ class SchemaVersions:
         shard = db.shards[index]
         previous = self.shards.get(db.name, {}).get(shard.name or db.name)
         try:
-            node = runtime.router.primary_for_read(db, shard)
-            if node.pool is None:
-                raise ConnectionError(f"{node.name} has no pool")
+            node = _primary(shard)
             async with asyncio.timeout(READ_TIMEOUT), node.pool.acquire() as conn:
                 if await conn.fetchval("SELECT to_regclass($1)", TABLE) is None:
                     return ShardVersion(None, [], time.time())

@@ -126,12 +126,16 @@ def render(doc: dict[str, Any], now: Traffic, before: Traffic | None, seconds: f
 
 
 def _schema_lines(doc: dict[str, Any]) -> list[str]:
-    """Each shard's schema version (``dbsidecar migrate status`` says what to do)."""
-    lines = ["", f"{'DATABASE':<12} {'SHARD':<14} {'SCHEMA':>8}  STATE"]
+    """Each shard's schema version, for databases that have one (``dbsidecar migrate
+    status`` says what to do about a failed migration)."""
+    agree = {True: "consistent", False: "SHARDS DISAGREE", None: "not read yet"}
+    lines = []
     for name, db in doc["databases"].items():
         schema = db.get("schema", {})
-        agree = {True: "consistent", False: "SHARDS DISAGREE", None: "not read yet"}
-        for shard, reading in schema.get("shards", {}).items():
+        readings = schema.get("shards", {})
+        if not any(r["version"] or r["dirty"] or r["error"] for r in readings.values()):
+            continue  # never migrated: nothing to show
+        for shard, reading in readings.items():
             state = "ok"
             if reading["dirty"]:
                 state = f"DIRTY {','.join(map(str, reading['dirty']))}"
@@ -139,4 +143,6 @@ def _schema_lines(doc: dict[str, Any]) -> list[str]:
                 state += f" (not read: {reading['error']})"
             lines.append(f"{name:<12} {shard:<14} {_fmt(reading['version']):>8}  {state}")
         lines.append(f"{name:<12} {'':<14} {'':>8}  {agree[schema.get('consistent')]}")
-    return lines
+    if not lines:
+        return []
+    return ["", f"{'DATABASE':<12} {'SHARD':<14} {'SCHEMA':>8}  STATE", *lines]

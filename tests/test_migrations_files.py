@@ -24,6 +24,7 @@ def test_a_folder_is_read_in_version_order_and_other_files_are_ignored(tmp_path:
 @pytest.mark.parametrize(
     ("files", "words"),
     [
+        ({}, "no <version>_<name>.sql files"),
         ({"create_users.sql": "SELECT 1"}, "<version>_<name>.sql"),
         ({"1_up.down.sql": "SELECT 1"}, "<version>_<name>.sql"),
         ({"1_a.sql": "SELECT 1", "0001_b.sql": "SELECT 1"}, "version 1 twice"),
