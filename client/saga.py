@@ -293,7 +293,8 @@ class Orchestrator:
 
     async def run(self, saga_id: str) -> SagaOutcome | None:
         """Claim an unfinished saga and run it to its end. None if another orchestrator
-        holds it (or took it over midway), or it is finished, or not one of ours."""
+        holds it (or took it over midway), or it is finished, or not one of ours, or its
+        definition changed since it began (its ``last_error`` says so; it is left as is)."""
         row = await saga_log.claim(self.log, saga_id, list(self.sagas), self.owner, self.lease)
         if row is None:
             return None
@@ -502,20 +503,16 @@ class Orchestrator:
         """Whether a step's transaction committed, from PostgreSQL, waiting while it is in
         progress. An ``orphan`` (left by a crashed or slow orchestrator) still open on our
         own sidecar is rolled back there; elsewhere its sidecar's idle timeout ends it."""
-        phase, index = key.split("/")
-        db = self._database(run.saga.steps[int(index)])
+        word, number = key.split("/")
+        phase: Phase = "action" if word == "action" else "compensation"
+        index = int(number)
+        db = self._database(run.saga.steps[index])
         waited = 0
         while True:
             status = await saga_log.xact_status(db, entry["txid"], entry["shard"])
             if status is None:
                 # Too old for the commit log: long over, and its ledger row tells.
-                found = await saga_log.ledger_output(
-                    db,
-                    run.id,
-                    int(index),
-                    phase,
-                    entry["shard"],  # type: ignore[arg-type]
-                )
+                found = await saga_log.ledger_output(db, run.id, index, phase, entry["shard"])
                 status = "committed" if found is not None else "aborted"
             if status != "in progress":
                 log.info("saga %s: %s settled as %s", run.id, key, status)
@@ -595,7 +592,8 @@ class Orchestrator:
 
     def _delay(self, attempt: int) -> float:
         """Capped exponential backoff with jitter (half fixed, half random)."""
-        ceiling = min(self.max_backoff, self.backoff * 2**attempt)
+        # The exponent is capped: a compensation may be retried for days.
+        ceiling = min(self.max_backoff, self.backoff * 2 ** min(attempt, 32))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     async def _quiet_rollback(self, tx: Transaction) -> None:

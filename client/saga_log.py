@@ -120,6 +120,10 @@ async def _raw(
     writes: bool,
     shard: str | int | None = None,
 ) -> Rows:
+    if isinstance(db, Transaction):
+        # The sidecar wants a raw plan on a sharded database to name its shard, even in a
+        # transaction already bound to one.
+        shard = db.shard
     # Reads go to the primary too: a replica's stale row could hide a committed step.
     route = Route(role=None if writes else "primary", shard=shard)
     plan = Raw(
@@ -315,7 +319,7 @@ async def ledger_output(
         step,
         phase,
         writes=False,
-        shard=None if isinstance(db, Transaction) else shard,
+        shard=shard,
     )
     return rows[0]["output"] if rows else None
 

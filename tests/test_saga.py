@@ -27,10 +27,12 @@ from prometheus_client import CollectorRegistry
 from client import ConnectionManager, saga_log, saga_metrics
 from client.saga import Orchestrator, Saga, SagaOutcome, Step
 from client.transactions import Transaction
+from devstack.topology import USER_SHARDS, shard_server
 from sidecar import saga_view
 
 from .conftest import server_dsn, sidecar_config
 from .harness import SidecarProcess, eventually
+from .models import User
 from .saga_order import TABLES, complete, create_order, fail_order, order_saga, release, reserve
 from .saga_worker import LEASE
 
@@ -260,6 +262,72 @@ async def test_a_saga_past_its_deadline_compensates(saga_dbs) -> None:
     (resumed,) = [o for o in await orchestrator.resume() if o.id == saga_id]
     assert resumed.state == "compensated" and resumed.error == "the saga's deadline passed"
     await assert_balanced(saga_dbs, sku, [outcome, resumed])
+
+
+async def test_a_rewound_log_replays_applied_steps_from_the_ledgers(saga_dbs) -> None:
+    """The log's database restored from an older backup (here: the row set back to step 0)
+    while the services' databases were not: each step finds its ledger row and takes the
+    stored output instead of applying itself again."""
+    sku = await new_sku(saga_dbs)
+    saga = order_saga()
+    first = await Orchestrator([saga]).start(saga, order(sku))
+    assert first is not None and first.state == "completed"
+    await saga_dbs["orders"].execute(
+        "UPDATE dbsidecar_sagas SET state = 'running', step = 0, pending = NULL, owner = NULL,"
+        " data = data - 'stock_left' - 'payment_id' WHERE id = $1",
+        first.id,
+    )
+    events = Recorder()
+    again = await Orchestrator([saga], on_event=events).run(first.id)
+    assert again is not None and again.state == "completed"
+    assert events.of("action.") == [
+        (event, step) for step in range(4) for event in ("action.replayed", "action.logged")
+    ]
+    assert again.data == first.data  # the outputs came back from the ledgers
+    await assert_balanced(saga_dbs, sku, [again])
+
+
+async def test_a_step_on_a_sharded_database_runs_and_compensates_on_its_shard(
+    topology, saga_dbs
+) -> None:
+    async def create_user(tx: Transaction, data: dict[str, Any]) -> None:
+        await User(id=data["user_id"], name="saga").save(using=tx)
+
+    async def delete_user(tx: Transaction, data: dict[str, Any]) -> None:
+        user = await User.find_by_id(data["user_id"]).using(tx).one()
+        await user.delete()
+
+    async def refuse(tx: Transaction, data: dict[str, Any]) -> None:
+        raise RuntimeError("refused")
+
+    def shard_of(data: dict[str, Any]) -> str:
+        return f"user_shard_{data['user_id'] % len(USER_SHARDS)}"
+
+    saga = Saga(
+        "signup",
+        [
+            Step("create_user", create_user, delete_user, database="users", shard=shard_of),
+            Step("refuse", refuse, database="payments"),
+        ],
+    )
+    orchestrator = Orchestrator([saga])
+    await orchestrator.install()  # the ledger on every shard of users
+    user_id = 7_700_001 + uuid.uuid4().int % 1000
+    outcome = await orchestrator.start(saga, {"user_id": user_id})
+    assert outcome is not None and outcome.state == "compensated", outcome
+    index = user_id % len(USER_SHARDS)
+    conn = await asyncpg.connect(
+        server_dsn(topology, shard_server(topology, index), USER_SHARDS[index])
+    )
+    try:
+        ledger = await conn.fetch(
+            "SELECT phase FROM dbsidecar_saga_steps WHERE saga_id = $1 ORDER BY phase",
+            outcome.id,
+        )
+        assert [r["phase"] for r in ledger] == ["action", "compensation"]
+        assert await conn.fetchval("SELECT count(*) FROM users WHERE id = $1", user_id) == 0
+    finally:
+        await conn.close()
 
 
 async def test_pg_xact_status_settles_committed_aborted_and_running_transactions(
