@@ -49,6 +49,8 @@ def dev_config(
             # (using_read_replica()); replicas further behind than 16 MiB are skipped.
             "read_default": "primary",
             "max_replica_lag_bytes": 16 * 1024 * 1024,
+            # Apps may migrate their databases at start (POST /v1/migrate).
+            "migrations": {},
         }
     shards = []
     for i, name in enumerate(USER_SHARDS):
@@ -61,7 +63,11 @@ def dev_config(
                 "replicas": [_node(r, name, topo) for r in replicas] if server is primary else [],
             }
         )
-    databases["users"] = {"sharding": {"key": "id", "function": "modulo"}, "shards": shards}
+    databases["users"] = {
+        "sharding": {"key": "id", "function": "modulo"},
+        "shards": shards,
+        "migrations": {},
+    }
     return {
         "listen": {"host": HOST, "port": port, "uds": uds},
         "ops": {"host": HOST, "port": ops_port},

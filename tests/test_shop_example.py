@@ -1,0 +1,226 @@
+"""The e-commerce example (examples/shop) end to end: its three services run as real
+processes against the session's sidecar, migrate their databases when they start, and
+take orders through the order saga. Truth is read from PostgreSQL directly: stock,
+orders, payments and the saga log."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from devstack.topology import USER_SHARDS
+
+from .conftest import server_dsn, shard_server
+from .harness import eventually
+from .shop_services import ServiceProcess, call
+
+pytestmark = pytest.mark.slow
+# The restarted orders service takes a crashed one's sagas over when its lease runs out.
+LEASE = 3.0
+MIGRATIONS = Path(__file__).resolve().parents[1] / "examples" / "shop" / "migrations"
+
+
+@pytest.fixture(scope="module")
+def shop(sidecar, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
+    workdir = tmp_path_factory.mktemp("shop")
+    env = {"SHOP_SAGA_LEASE": str(LEASE)}
+    services = {
+        name: ServiceProcess(name, sidecar.url, workdir, env)
+        for name in ("users", "catalog", "orders")
+    }
+    try:
+        for service in services.values():
+            service.start()
+        yield services
+    finally:
+        for service in services.values():
+            service.stop()
+
+
+@pytest.fixture
+async def db(topology) -> AsyncIterator[dict[str, asyncpg.Connection]]:
+    """Direct connections to the shop's databases, for the truth."""
+    conns = {
+        name: await asyncpg.connect(server_dsn(topology, topology.primary, name))
+        for name in ("inventory", "orders", "payments")
+    }
+    yield conns
+    for conn in conns.values():
+        await conn.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
+
+
+async def new_user(http: aiohttp.ClientSession, shop: dict[str, ServiceProcess]) -> int:
+    status, user = await call(http, "POST", shop["users"].url + "/users",
+                              {"name": "Ada", "email": "ada@example.com"})  # fmt: skip
+    assert status == 201, user
+    return user["id"]
+
+
+async def new_product(
+    http: aiohttp.ClientSession, shop: dict[str, ServiceProcess], price: str, stock: int
+) -> int:
+    sku = f"SKU-{id(object())}-{price}-{stock}"
+    product_doc = {"sku": sku, "name": "thing", "price": price, "stock": stock}
+    status, product = await call(http, "POST", shop["catalog"].url + "/products", product_doc)
+    assert status == 201, product
+    return product["id"]
+
+
+async def stock(db: dict[str, asyncpg.Connection], product_id: int) -> int:
+    return await db["inventory"].fetchval(
+        "SELECT stock FROM shop_products WHERE id = $1", product_id
+    )
+
+
+async def test_every_service_migrated_its_databases(shop, topology) -> None:
+    targets = [(topology.primary, name) for name in ("inventory", "orders", "payments")]
+    targets += [(shard_server(topology, i), name) for i, name in enumerate(USER_SHARDS)]
+    for server, name in targets:
+        folder = "users" if name in USER_SHARDS else name
+        expected = sorted(int(p.name.split("_")[0]) for p in (MIGRATIONS / folder).glob("*.sql"))
+        conn = await asyncpg.connect(server_dsn(topology, server, name))
+        try:
+            applied = await conn.fetch(
+                "SELECT version FROM dbsidecar_schema_migrations WHERE state = 'applied'"
+            )
+            tables = await conn.fetchval(
+                "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'shop_%'"
+            )
+        finally:
+            await conn.close()
+        assert expected and set(expected) <= {r[0] for r in applied}, (name, applied)
+        assert tables >= 1, name
+
+
+async def test_an_order_completes_and_composes_with_its_user(shop, db, http) -> None:
+    user_id = await new_user(http, shop)
+    p1 = await new_product(http, shop, "2.50", 10)
+    p2 = await new_product(http, shop, "10.00", 5)
+    status, placed = await call(http, "POST", shop["orders"].url + "/orders", {
+        "user_id": user_id, "card": "visa",
+        "items": [{"product_id": p1, "quantity": 2}, {"product_id": p2, "quantity": 1}],
+    })  # fmt: skip
+    assert status == 201 and placed["state"] == "completed", placed
+    order_id = placed["order_id"]
+    assert (await stock(db, p1), await stock(db, p2)) == (8, 4)
+    order = await db["orders"].fetchrow("SELECT * FROM shop_orders WHERE id = $1", order_id)
+    assert order["status"] == "paid" and order["total"] == Decimal("15.00")
+    payments = await db["payments"].fetch(
+        "SELECT amount, status FROM shop_payments WHERE order_id = $1", order_id
+    )
+    assert [(p["amount"], p["status"]) for p in payments] == [(Decimal("15.00"), "charged")]
+    # API composition: the user (its shard) with its orders (another database).
+    status, composed = await call(http, "GET", f"{shop['users'].url}/users/{user_id}")
+    assert status == 200 and composed["name"] == "Ada"
+    assert [o["id"] for o in composed["orders"]] == [order_id]
+    status, detail = await call(http, "GET", f"{shop['orders'].url}/orders/{order_id}")
+    assert status == 200 and len(detail["items"]) == 2 and len(detail["payments"]) == 1
+
+
+async def test_a_declined_payment_restores_stock_and_fails_the_order(shop, db, http) -> None:
+    user_id = await new_user(http, shop)
+    product = await new_product(http, shop, "7.00", 3)
+    status, placed = await call(http, "POST", shop["orders"].url + "/orders", {
+        "user_id": user_id, "card": "declined", "items": [{"product_id": product, "quantity": 2}],
+    })  # fmt: skip
+    assert status == 409 and placed["state"] == "compensated", placed
+    assert "declined" in placed["error"]
+    assert await stock(db, product) == 3
+    order = await db["orders"].fetchrow(
+        "SELECT status FROM shop_orders WHERE id = $1", placed["order_id"]
+    )
+    assert order["status"] == "failed"
+    assert (
+        await db["payments"].fetchval(
+            "SELECT count(*) FROM shop_payments WHERE order_id = $1", placed["order_id"]
+        )
+        == 0
+    )
+
+
+async def test_not_enough_stock_creates_nothing(shop, db, http) -> None:
+    user_id = await new_user(http, shop)
+    product = await new_product(http, shop, "1.00", 1)
+    status, placed = await call(http, "POST", shop["orders"].url + "/orders", {
+        "user_id": user_id, "card": "visa", "items": [{"product_id": product, "quantity": 2}],
+    })  # fmt: skip
+    assert status == 409 and placed["state"] == "compensated" and placed["order_id"] is None
+    assert await stock(db, product) == 1
+    assert (
+        await db["orders"].fetchval("SELECT count(*) FROM shop_orders WHERE user_id = $1", user_id)
+        == 0
+    )
+
+
+async def test_bad_orders_are_refused_with_a_4xx(shop, http) -> None:
+    url = shop["orders"].url + "/orders"
+    one = [{"product_id": 1, "quantity": 1}]
+    for body in ({}, {"user_id": 1, "card": "visa", "items": []},
+                 {"user_id": "x", "card": "visa", "items": one}):  # fmt: skip
+        status, answer = await call(http, "POST", url, body)
+        assert status == 400, (body, answer)
+
+
+async def test_a_crash_mid_saga_is_resumed_and_charges_once(shop, db, http) -> None:
+    user_id = await new_user(http, shop)
+    product = await new_product(http, shop, "4.00", 6)
+    # Hold the payments table: the charge step blocks inside its transaction.
+    blocker = db["payments"]
+    held = blocker.transaction()
+    await held.start()
+    await blocker.execute("LOCK TABLE shop_payments IN ACCESS EXCLUSIVE MODE")
+    placing = asyncio.ensure_future(call(http, "POST", shop["orders"].url + "/orders", {
+        "user_id": user_id, "card": "visa", "items": [{"product_id": product, "quantity": 3}],
+    }))  # fmt: skip
+    saga_id = None
+
+    async def charging() -> bool:
+        nonlocal saga_id
+        saga_id = await db["orders"].fetchval(
+            "SELECT id FROM dbsidecar_sagas WHERE (data->>'user_id')::bigint = $1"
+            " AND pending = 'action/2'",
+            user_id,
+        )
+        return saga_id is not None
+
+    try:
+        await eventually(charging, 30, "the saga to reach its charge step")
+        shop["orders"].kill()  # kill -9, mid-step
+        with pytest.raises(aiohttp.ClientError):
+            await placing
+    finally:
+        await held.rollback()
+    shop["orders"].start()
+
+    async def finished() -> bool:
+        state = await db["orders"].fetchval(
+            "SELECT state FROM dbsidecar_sagas WHERE id = $1", saga_id
+        )
+        return state in ("completed", "compensated")
+
+    await eventually(finished, 60, "the restarted service to finish the saga")
+    row = await db["orders"].fetchrow(
+        "SELECT state, data FROM dbsidecar_sagas WHERE id = $1", saga_id
+    )
+    assert row["state"] == "completed", row
+    order = await db["orders"].fetchrow(
+        "SELECT id, status FROM shop_orders WHERE saga_id = $1", saga_id
+    )
+    assert order["status"] == "paid"
+    payments = await db["payments"].fetch(
+        "SELECT amount FROM shop_payments WHERE order_id = $1", order["id"]
+    )
+    assert [p["amount"] for p in payments] == [Decimal("12.00")]  # charged once
+    assert await stock(db, product) == 3  # reserved once
