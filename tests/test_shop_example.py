@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -78,6 +79,12 @@ async def new_product(
     return product["id"]
 
 
+def order_of(user_id: int, card: str, *items: tuple[int, int]) -> dict[str, Any]:
+    """The body of POST /orders: ``items`` are (product id, quantity)."""
+    lines = [{"product_id": p, "quantity": q} for p, q in items]
+    return {"user_id": user_id, "card": card, "items": lines}
+
+
 async def stock(db: dict[str, asyncpg.Connection], product_id: int) -> int:
     return await db["inventory"].fetchval(
         "SELECT stock FROM shop_products WHERE id = $1", product_id
@@ -108,10 +115,8 @@ async def test_an_order_completes_and_composes_with_its_user(shop, db, http) -> 
     user_id = await new_user(http, shop)
     p1 = await new_product(http, shop, "2.50", 10)
     p2 = await new_product(http, shop, "10.00", 5)
-    status, placed = await call(http, "POST", shop["orders"].url + "/orders", {
-        "user_id": user_id, "card": "visa",
-        "items": [{"product_id": p1, "quantity": 2}, {"product_id": p2, "quantity": 1}],
-    })  # fmt: skip
+    body = order_of(user_id, "visa", (p1, 2), (p2, 1))
+    status, placed = await call(http, "POST", shop["orders"].url + "/orders", body)
     assert status == 201 and placed["state"] == "completed", placed
     order_id = placed["order_id"]
     assert (await stock(db, p1), await stock(db, p2)) == (8, 4)
@@ -132,9 +137,8 @@ async def test_an_order_completes_and_composes_with_its_user(shop, db, http) -> 
 async def test_a_declined_payment_restores_stock_and_fails_the_order(shop, db, http) -> None:
     user_id = await new_user(http, shop)
     product = await new_product(http, shop, "7.00", 3)
-    status, placed = await call(http, "POST", shop["orders"].url + "/orders", {
-        "user_id": user_id, "card": "declined", "items": [{"product_id": product, "quantity": 2}],
-    })  # fmt: skip
+    body = order_of(user_id, "declined", (product, 2))
+    status, placed = await call(http, "POST", shop["orders"].url + "/orders", body)
     assert status == 409 and placed["state"] == "compensated", placed
     assert "declined" in placed["error"]
     assert await stock(db, product) == 3
@@ -153,9 +157,8 @@ async def test_a_declined_payment_restores_stock_and_fails_the_order(shop, db, h
 async def test_not_enough_stock_creates_nothing(shop, db, http) -> None:
     user_id = await new_user(http, shop)
     product = await new_product(http, shop, "1.00", 1)
-    status, placed = await call(http, "POST", shop["orders"].url + "/orders", {
-        "user_id": user_id, "card": "visa", "items": [{"product_id": product, "quantity": 2}],
-    })  # fmt: skip
+    body = order_of(user_id, "visa", (product, 2))
+    status, placed = await call(http, "POST", shop["orders"].url + "/orders", body)
     assert status == 409 and placed["state"] == "compensated" and placed["order_id"] is None
     assert await stock(db, product) == 1
     assert (
@@ -166,9 +169,7 @@ async def test_not_enough_stock_creates_nothing(shop, db, http) -> None:
 
 async def test_bad_orders_are_refused_with_a_4xx(shop, http) -> None:
     url = shop["orders"].url + "/orders"
-    one = [{"product_id": 1, "quantity": 1}]
-    for body in ({}, {"user_id": 1, "card": "visa", "items": []},
-                 {"user_id": "x", "card": "visa", "items": one}):  # fmt: skip
+    for body in ({}, order_of(1, "visa"), {**order_of(1, "visa", (1, 1)), "user_id": "x"}):
         status, answer = await call(http, "POST", url, body)
         assert status == 400, (body, answer)
 
@@ -181,9 +182,8 @@ async def test_a_crash_mid_saga_is_resumed_and_charges_once(shop, db, http) -> N
     held = blocker.transaction()
     await held.start()
     await blocker.execute("LOCK TABLE shop_payments IN ACCESS EXCLUSIVE MODE")
-    placing = asyncio.ensure_future(call(http, "POST", shop["orders"].url + "/orders", {
-        "user_id": user_id, "card": "visa", "items": [{"product_id": product, "quantity": 3}],
-    }))  # fmt: skip
+    body = order_of(user_id, "visa", (product, 3))
+    placing = asyncio.ensure_future(call(http, "POST", shop["orders"].url + "/orders", body))
     saga_id = None
 
     async def charging() -> bool:
