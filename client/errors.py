@@ -67,6 +67,13 @@ class ForeignKeyViolation(IntegrityError):
     pass
 
 
+class WrongExpectedVersion(IntegrityError):
+    """An append expected another version of its stream; ``actual_version`` is the
+    stream's version when it was refused (-1: no events yet)."""
+
+    actual_version: int | None = None
+
+
 class DatabaseError(DbSidecarError):
     """Any other error PostgreSQL raised (see ``sqlstate``)."""
 
@@ -103,6 +110,7 @@ class Timeout(DbSidecarError):
 
 _BY_CODE: dict[str, type[DbSidecarError]] = {
     ErrorCode.UNIQUE_VIOLATION: UniqueViolation,
+    ErrorCode.WRONG_EXPECTED_VERSION: WrongExpectedVersion,
     ErrorCode.FOREIGN_KEY_VIOLATION: ForeignKeyViolation,
     ErrorCode.SHARD_KEY_REQUIRED: ShardKeyRequired,
     ErrorCode.WRITE_OUTCOME_UNKNOWN: WriteOutcomeUnknown,
@@ -130,7 +138,7 @@ def from_error_body(body: ErrorBody, status: int) -> DbSidecarError:
         cls = DatabaseError
     if status == 404 and body.code == ErrorCode.UNDEFINED_TABLE:
         cls = DatabaseError
-    return cls(
+    error = cls(
         body.message,
         code=body.code,
         status=status,
@@ -138,3 +146,6 @@ def from_error_body(body: ErrorBody, status: int) -> DbSidecarError:
         sqlstate=body.sqlstate,
         index=body.index,
     )
+    if isinstance(error, WrongExpectedVersion):
+        error.actual_version = body.actual_version
+    return error

@@ -20,6 +20,7 @@ from typing import Any
 
 from wire.errors import ErrorCode
 from wire.protocol import (
+    EVENT_PLANS,
     AggregateQuery,
     Count,
     Delete,
@@ -30,7 +31,7 @@ from wire.protocol import (
     Update,
 )
 
-from . import plancheck, rawsql
+from . import eventstore, plancheck, rawsql
 from .errors import SidecarError, bad_plan
 from .plancheck import MAX_LIST_VALUES, MAX_PARAMS, TRUE, Shape, column, table
 
@@ -79,12 +80,22 @@ class Statement:
 @dataclass(slots=True)
 class Compiled:
     """A checked plan: its SQL, its decoded values, and its shape (what routing reads the
-    shard key from, so values are checked and decoded once)."""
+    shard key from, so values are checked and decoded once). An event-store plan is
+    ``work`` instead: statements it runs itself on the connection, in a transaction."""
 
     statement: Statement
     params: list[Any]
     shape: Shape = ()
     database: str = ""
+    work: eventstore.Work | None = None
+
+    def on_shard(self, key: str) -> Compiled:
+        """The plan as it runs on the shard whose checkpoint key is ``key`` (event reads
+        answer from that shard's checkpoint and name it in their rows)."""
+        if self.work is None:
+            return self
+        return Compiled(self.statement, self.params, self.shape, self.database,
+                        self.work.on_shard(key))  # fmt: skip
 
     @property
     def coalescible(self) -> bool:
@@ -117,6 +128,10 @@ class Compiled:
         return None, 0
 
 
+# What an event-store plan carries as its statement: its work runs its own SQL.
+_EVENT_STATEMENT = Statement("", True)
+
+
 @dataclass
 class Compiler:
     max_where_depth: int = 32
@@ -131,6 +146,10 @@ class Compiler:
     _cache: OrderedDict[Shape, Statement] = field(default_factory=OrderedDict)
 
     def compile(self, plan: Plan) -> Compiled:
+        if isinstance(plan, EVENT_PLANS):
+            work = eventstore.prepare(plan, self.max_result_rows)
+            tag = plan.__struct_config__.tag
+            return Compiled(_EVENT_STATEMENT, [], (tag,), plan.database, work)
         if isinstance(plan, Raw):
             # Raw SQL is the caller's own text: nothing to cache by shape.
             rawsql.check(plan.sql, plan.writes)

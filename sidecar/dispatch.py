@@ -14,14 +14,15 @@ from typing import Any
 
 from wire.consistency import format_token, lsn_to_int
 from wire.errors import ErrorCode
-from wire.protocol import AggregateQuery, BatchResult, Plan, Result, Select
+from wire.protocol import AggregateQuery, BatchResult, Plan, ReadCategory, Result, Select
 from wire.values import wire_rows
 
 from . import merge, metrics, runner
 from .compiler import Compiled, Statement, too_many_rows
 from .errors import SidecarError, bad_plan
+from .eventstore import READ_COLUMNS
 from .executor import Outcome, execute, to_result
-from .route import Merge, Route, batch_shard, database
+from .route import Merge, Route, batch_shard, database, shard_key
 from .runtime import Runtime
 from .topology import Database
 
@@ -43,6 +44,8 @@ async def run(rt: Runtime, plan: Plan) -> Result:
 
 
 async def _run(rt: Runtime, r: Route, checked: Compiled) -> Result:
+    if checked.work is not None:
+        return await _events(rt, r, checked)
     if r.merge is Merge.NONE:
         outcomes = await runner.run_target(rt, r, r.targets[0], checked)
         return to_result(outcomes[0], _token(r.db, outcomes))
@@ -52,6 +55,34 @@ async def _run(rt: Runtime, r: Route, checked: Compiled) -> Result:
         return await _on_every_shard(rt, r, checked)
     rt.router.count(r.db, "scatter")
     return await _scatter(rt, r, checked)
+
+
+async def _events(rt: Runtime, r: Route, checked: Compiled) -> Result:
+    """An event-store plan, on each target shard as that shard's work (its checkpoint);
+    the reads of several shards merge into one page."""
+    one = len(r.targets) == 1
+    if not one:
+        rt.router.count(r.db, "scatter")
+    groups = await asyncio.gather(
+        *(
+            runner.run_target(rt, r, t, checked.on_shard(shard_key(r.db, t.shard)), count=one)
+            for t in r.targets
+        )
+    )
+    outcomes = [o for group in groups for o in group]
+    if one:
+        return to_result(outcomes[0], _token(r.db, outcomes))
+    assert isinstance(r.plan, ReadCategory) and r.merge is Merge.EVENTS
+    at = READ_COLUMNS.index("recorded_at")
+    rows = merge.merge_events([o.rows for o in outcomes], at, r.plan.limit)
+    kinds = outcomes[0].kinds
+    return Result(
+        columns=outcomes[0].columns,
+        types=kinds,
+        rows=wire_rows(kinds, [list(row) for row in rows]),
+        rowcount=len(rows),
+        served_by=[o.served_by() for o in outcomes],
+    )
 
 
 async def _gather(rt: Runtime, r: Route, compiled: Compiled, count: bool) -> list[Outcome]:
@@ -199,6 +230,7 @@ async def _run_batch(rt: Runtime, plans: Sequence[Plan]) -> BatchResult:
     with runner.refusals_counted(rt, plans[0].database):
         shard = batch_shard(routes)
     db = routes[0].db
+    compiled = [c.on_shard(shard_key(db, shard)) for c in compiled]
     node = rt.router.writer(db, shard)
     rt.router.count(db, "primary")
     metrics.batch_size.observe(len(plans))

@@ -21,12 +21,14 @@ class SidecarError(Exception):
         *,
         sqlstate: str | None = None,
         index: int | None = None,
+        actual_version: int | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.sqlstate = sqlstate
         self.index = index
+        self.actual_version = actual_version
 
     @property
     def retryable(self) -> bool:
@@ -39,6 +41,7 @@ class SidecarError(Exception):
             retryable=self.retryable,
             sqlstate=self.sqlstate,
             index=self.index,
+            actual_version=self.actual_version,
         )
 
 

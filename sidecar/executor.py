@@ -164,6 +164,8 @@ async def run_statement(
     conn: asyncpg.Connection, compiled: Compiled, limit: float | None
 ) -> tuple[list[str], list[str | None], list[tuple[Any, ...]], int]:
     """One statement; ``limit`` is its client-side deadline in seconds (see deadline())."""
+    if compiled.work is not None:
+        return await compiled.work(conn, limit)  # an event-store plan: its own statements
     stmt: Statement = compiled.statement
     if not stmt.returns_rows:
         status = await conn.execute(stmt.sql, *compiled.params, timeout=limit)
@@ -258,7 +260,8 @@ async def execute(
             conn.mark_dirty()
         outcomes: list[Outcome] = []
         try:
-            if transaction or len(statements) > 1 or readonly:
+            # Event-store work always runs in a transaction: its locks last until COMMIT.
+            if transaction or len(statements) > 1 or readonly or statements[0].work is not None:
                 # BEGIN and COMMIT by hand: asyncpg's transaction() gives them no deadline.
                 await conn.execute("BEGIN READ ONLY" if readonly else "BEGIN", timeout=timeout)
                 for compiled in statements:

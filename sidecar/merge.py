@@ -377,3 +377,14 @@ async def merge_aggregate(
             keys = [sources[p] for p, _ in positions]
             rows = await _postgres_sorted(ask, tbl, rows, positions, keys, None)
     return columns, kinds, _window(rows, plan.limit, plan.offset)
+
+
+def merge_events(
+    shards: Sequence[Sequence[tuple[Any, ...]]], at: int, limit: int
+) -> list[tuple[Any, ...]]:
+    """Event reads of several shards (each in its own position order) as one page of
+    at most ``limit`` rows, ordered by the value at ``at`` (the time recorded) across
+    shards. Each shard's rows stay in their order and only a shard's last rows are cut,
+    so what comes back of a shard is a prefix: its checkpoint can move past all of it."""
+    merged = heapq.merge(*shards, key=lambda row: row[at])
+    return [row for _, row in zip(range(limit), merged, strict=False)]

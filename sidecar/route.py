@@ -19,7 +19,19 @@ import msgspec
 
 from wire.consistency import parse_token
 from wire.errors import ErrorCode
-from wire.protocol import ALL_SHARDS, AggregateQuery, Count, Insert, Plan, Raw, Select, plan_writes
+from wire.protocol import (
+    ALL_SHARDS,
+    AggregateQuery,
+    Append,
+    Count,
+    Insert,
+    Plan,
+    Raw,
+    ReadCategory,
+    ReadStream,
+    Select,
+    plan_writes,
+)
 
 from . import sharding
 from .compiler import Compiled
@@ -47,6 +59,7 @@ class Merge(enum.Enum):
     AGGREGATE = "aggregate"
     ROWS = "rows"  # a raw read on several shards: their rows in shard order
     INSERT = "insert"  # rows split by shard; RETURNING rows back in the caller's order
+    EVENTS = "events"  # event reads of several shards, each from its own checkpoint
 
 
 # Refusals counted as routing decisions (the "refused" decision in metrics).
@@ -125,6 +138,9 @@ def route(
         scope = Scope.ONE if len(chosen) == 1 else Scope.SOME
     if writes or transaction:
         intent = Intent.WRITE
+    elif isinstance(plan, ReadCategory) and plan.category is None:
+        # Its barrier against gaps is a lock on the primary (see sidecar.eventstore).
+        intent = Intent.READ_PRIMARY
     elif (plan.route.role or db.settings.read_default) == "replica":
         intent = Intent.READ_REPLICA
     else:
@@ -135,7 +151,7 @@ def route(
     else:
         positions = _positions(db, plan.route.after)
         targets = tuple(
-            Target(db.shards[i], plan, positions.get(_token_key(db, db.shards[i]))) for i in chosen
+            Target(db.shards[i], plan, positions.get(shard_key(db, db.shards[i]))) for i in chosen
         )
         merge = _merge(plan, writes, len(targets))
     return Route(plan, db, intent, scope, targets, merge)
@@ -188,11 +204,28 @@ def _shard_indexes(
         if plan.route.shard not in (None, ALL_SHARDS, 0):
             raise bad_plan(f"database {db.name!r} is not sharded", ErrorCode.NOT_SHARDED)
         return [0]
+    if isinstance(plan, Append | ReadStream):
+        return [_stream_home(db, plan.stream, plan.route.shard, pinned)]
     if pinned is not None and plan.route.shard is None:
         # An insert's rows are checked against the pinned shard with its targets.
         return [pinned]
     assert db.shard_fn is not None
     return _target_shards(plan, checked, db.shard_fn, db.shard_names)
+
+
+def _stream_home(db: Database, stream: str, asked: str | int | None, pinned: int | None) -> int:
+    """The shard a stream lives on; a plan naming another one is refused, since the
+    stream's versions would split."""
+    home = sharding.stream_shard(stream, len(db.shards))
+    if asked is not None and asked != ALL_SHARDS:
+        pinned = sharding.explicit_shard(asked, db.shard_names)
+    if pinned is not None and pinned != home:
+        raise bad_plan(
+            f"stream {stream!r} lives on shard {db.shards[home].name!r}, not "
+            f"{db.shards[pinned].name!r}",
+            ErrorCode.WRONG_SHARD,
+        )
+    return home
 
 
 def _insert_targets(
@@ -224,6 +257,8 @@ def _insert_targets(
 def _merge(plan: Plan, writes: bool, shards: int) -> Merge:
     if shards == 1:
         return Merge.NONE
+    if isinstance(plan, ReadCategory):
+        return Merge.EVENTS
     if writes:
         return Merge.CONCAT
     if isinstance(plan, Select):
@@ -235,7 +270,8 @@ def _merge(plan: Plan, writes: bool, shards: int) -> Merge:
     return Merge.ROWS
 
 
-def _token_key(db: Database, shard: Shard) -> str:
+def shard_key(db: Database, shard: Shard) -> str:
+    """A shard's key in consistency tokens and event-read checkpoints ("" unsharded)."""
     return (shard.name or "") if db.sharded else ""
 
 

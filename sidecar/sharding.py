@@ -27,6 +27,13 @@ def stable_hash64(key: Any) -> int:
     return int.from_bytes(digest, "big")
 
 
+def stream_shard(stream: str, shards: int) -> int:
+    """The shard an event stream lives on: ``hash`` of its name, whatever function the
+    database's key column uses (a stream name is text; modulo and range want numbers).
+    Pinned for ever like ``hash``: changing it would split streams across shards."""
+    return stable_hash64(stream) % shards
+
+
 class ShardFunction:
     def __init__(self, settings: ShardingSettings, shard_names: Sequence[str]) -> None:
         self.key = settings.key

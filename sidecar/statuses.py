@@ -105,6 +105,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.WHERE_REQUIRED: 400,
     ErrorCode.WITH_CHECK_OPTION_VIOLATION: 422,
     ErrorCode.WRITE_OUTCOME_UNKNOWN: 503,
+    ErrorCode.WRONG_EXPECTED_VERSION: 409,
     ErrorCode.WRONG_SHARD: 400,
     ErrorCode.XQUERY_ERROR: 400,
 }

@@ -40,6 +40,7 @@ from . import runner, sharding
 from .errors import SidecarError, bad_plan
 from .executor import to_result
 from .route import database as route_database
+from .route import shard_key as route_shard_key
 from .runtime import Runtime
 from .settings import PoolSettings, TransactionSettings
 from .topology import Database, Node, Shard
@@ -186,7 +187,8 @@ class Transactions:
                 await self._connect(rt, tx, shard)
             assert tx.held is not None
             try:
-                outcome = await tx.held.run(rt, plan, compiled)
+                bound = compiled.on_shard(route_shard_key(tx.db, shard))
+                outcome = await tx.held.run(rt, plan, bound)
             except SidecarError as error:
                 if not tx.held.open:
                     self._finish(tx, TxState.ROLLED_BACK)  # the connection is gone

@@ -112,6 +112,7 @@ class ErrorCode(StrEnum):
     WHERE_REQUIRED = "where_required"
     WITH_CHECK_OPTION_VIOLATION = "with_check_option_violation"
     WRITE_OUTCOME_UNKNOWN = "write_outcome_unknown"
+    WRONG_EXPECTED_VERSION = "wrong_expected_version"
     WRONG_SHARD = "wrong_shard"
     XQUERY_ERROR = "xquery_error"
 

@@ -113,8 +113,57 @@ class Raw(_Plan, tag="raw", kw_only=True):
     writes: bool
 
 
-Plan = Select | Count | AggregateQuery | Insert | Update | Delete | Raw
-WRITE_PLANS = (Insert, Update, Delete)
+# The event store (sidecar/eventstore.py). A stream is named "<category>-<id>" (the
+# category is the text before the first "-"); a database's streams are placed on its
+# shards by a hash of the stream name, so a stream's versions live on one shard.
+# Versions count from 0 per stream; positions count from 1 per shard, in commit order
+# within a category and for every reader (see the module for how).
+ExpectedVersion = int | Literal["any", "no_stream", "stream_exists"]
+
+
+class NewEvent(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    # A UUID chosen by the caller: appending the same ids again answers what the first
+    # append did and adds nothing (a retried append is idempotent).
+    id: str
+    type: str
+    data: Any = None  # plain JSON
+    metadata: Any = None
+
+
+class Append(_Plan, tag="append"):
+    stream: str
+    events: list[NewEvent]
+    # "any", "no_stream" (no event yet), "stream_exists", or the version of the
+    # stream's last event; a mismatch answers wrong_expected_version with the actual one.
+    expected_version: ExpectedVersion = "any"
+
+
+class ReadStream(_Plan, tag="read_stream"):
+    stream: str
+    from_version: int = 0
+    limit: int = 100
+
+
+class ReadCategory(_Plan, tag="read_category"):
+    """Events of one category (or of every stream: category None) in position order."""
+
+    category: str | None = None
+    # The checkpoint: per shard name ("" on a database without shards), the last
+    # position already read; events after it come back, each row naming its shard.
+    after: dict[str, int] = {}
+    limit: int = 100
+    # Consumer groups: this reader gets the streams whose hash modulo group_size is
+    # member (every event of a stream goes to the same member).
+    member: int = 0
+    group_size: int = 1
+
+
+Plan = (
+    Select | Count | AggregateQuery | Insert | Update | Delete | Raw | Append | ReadStream
+    | ReadCategory
+)  # fmt: skip
+WRITE_PLANS = (Insert, Update, Delete, Append)
+EVENT_PLANS = (Append, ReadStream, ReadCategory)
 
 
 def plan_writes(plan: Plan) -> bool:
@@ -188,6 +237,9 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
     sqlstate: str | None = None
     # In a batch: the index of the plan that failed.
     index: int | None = None
+    # wrong_expected_version: the stream's version when the append was refused (-1: no
+    # stream).
+    actual_version: int | None = None
 
 
 class ErrorEnvelope(msgspec.Struct):
