@@ -26,6 +26,7 @@ from wire.protocol import ALL_SHARDS, Raw, Route
 from wire.values import Json, encode_value
 
 from .connection import DatabaseHandle
+from .errors import UniqueViolation
 from .results import Rows, decode
 from .transactions import Transaction
 
@@ -136,14 +137,23 @@ async def _raw(
     return decode(await db.run(plan))
 
 
+async def _create_table(db: DatabaseHandle, sql: str, shard: str | None = None) -> None:
+    try:
+        await _raw(db, sql, writes=True, shard=shard)
+    except UniqueViolation:
+        # Two pods installing at once: IF NOT EXISTS checks before creating, so the slower
+        # one collides in the catalog. Once the other has committed, this finds the table.
+        await _raw(db, sql, writes=True, shard=shard)
+
+
 async def install_log(db: DatabaseHandle) -> None:
-    await _raw(db, _CREATE_LOG, writes=True)
-    await _raw(db, _CREATE_LOG_INDEX, writes=True)
+    await _create_table(db, _CREATE_LOG)
+    await _create_table(db, _CREATE_LOG_INDEX)
 
 
 async def install_ledger(db: DatabaseHandle, sharded: bool) -> None:
     """The ledger in ``db`` (on every shard of a sharded database)."""
-    await _raw(db, _CREATE_LEDGER, writes=True, shard=ALL_SHARDS if sharded else None)
+    await _create_table(db, _CREATE_LEDGER, shard=ALL_SHARDS if sharded else None)
 
 
 async def create(

@@ -330,6 +330,20 @@ async def test_a_step_on_a_sharded_database_runs_and_compensates_on_its_shard(
         await conn.close()
 
 
+async def test_orchestrators_installing_at_once_all_succeed(saga_dbs) -> None:
+    """Pods starting together each install the log: PostgreSQL's CREATE TABLE IF NOT EXISTS
+    lets concurrent creators collide in its catalog (a unique violation), which install()
+    absorbs. Tried in a database without the log (inventory), a few rounds."""
+    db = ConnectionManager.handle_for(ConnectionManager.get("default"), "inventory")
+    try:
+        for _ in range(4):
+            await saga_dbs["inventory"].execute("DROP TABLE IF EXISTS dbsidecar_sagas")
+            await asyncio.gather(*(saga_log.install_log(db) for _ in range(8)))
+            assert await saga_dbs["inventory"].fetchval("SELECT to_regclass('dbsidecar_sagas')")
+    finally:
+        await saga_dbs["inventory"].execute("DROP TABLE IF EXISTS dbsidecar_sagas")
+
+
 async def test_pg_xact_status_settles_committed_aborted_and_running_transactions(
     saga_dbs,
 ) -> None:
