@@ -88,6 +88,8 @@ class Step:
     compensation: Action | None = None
     # A logical database behind the orchestrator's sidecar; None: the log's database.
     database: str | None = None
+    # Required on a sharded database: the step's transaction runs on one shard, chosen
+    # when the action first runs and kept for its compensation.
     shard: ShardChoice = None
     # Seconds the action may run (its transaction rolls back after that).
     timeout: float = 10.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -342,6 +343,29 @@ async def test_orchestrators_installing_at_once_all_succeed(saga_dbs) -> None:
             assert await saga_dbs["inventory"].fetchval("SELECT to_regclass('dbsidecar_sagas')")
     finally:
         await saga_dbs["inventory"].execute("DROP TABLE IF EXISTS dbsidecar_sagas")
+
+
+async def test_serve_runs_sagas_begun_anywhere(saga_dbs) -> None:
+    sku = await new_sku(saga_dbs)
+    saga = order_saga()
+    orchestrator = Orchestrator([saga])
+    ids = [await orchestrator.begin(saga, order(sku)) for _ in range(3)]
+    # Beginning with an id that exists begins nothing new.
+    assert await orchestrator.begin(saga, order(sku), saga_id=ids[0]) == ids[0]
+    background = asyncio.create_task(Orchestrator([saga]).serve(interval=0.05))
+    try:
+
+        async def finished() -> bool:
+            outcomes = [await orchestrator.get(i) for i in ids]
+            return all(o is not None and o.finished for o in outcomes)
+
+        await eventually(finished, 30, "the background orchestrator to run the sagas")
+    finally:
+        background.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await background
+    outcomes = [await orchestrator.get(i) for i in ids]
+    await assert_balanced(saga_dbs, sku, [o for o in outcomes if o is not None])
 
 
 async def test_pg_xact_status_settles_committed_aborted_and_running_transactions(
