@@ -383,3 +383,65 @@ async def test_create_index_concurrently_runs_while_another_migrator_waits_for_t
             index, "SELECT count(*) AS n FROM applied_log WHERE version = 3"
         )
         assert counts[0]["n"] == 1
+
+
+async def test_a_failed_no_transaction_migration_waits_for_a_decision(
+    shards: ShardSet, tmp_path: Path
+) -> None:
+    # The index's table is missing on shard 1 only: the migration fails there, outside a
+    # transaction, so the same file is not run again until someone decides.
+    for index in (0, 2, 3):
+        await shards.execute(index, "CREATE TABLE things (x int)")
+    index_file = "-- dbsidecar: no-transaction\nCREATE INDEX CONCURRENTLY things_x ON things (x);\n"
+    folder = write_files(
+        tmp_path / "migrations", {"0001_counter.sql": COUNTER, "0002_things_x.sql": index_file}
+    )
+    config = write_config(tmp_path / "mig.yaml", {"mig": shards.database(folder)})
+    args = ("--config", str(config), "--database", "mig")
+    first = await cli("migrate", *args, "--json")
+    assert first.code == 1
+    assert [s["outcome"] for s in first.report()["shards"]] == [
+        "applied", "failed", "skipped", "skipped",
+    ]  # fmt: skip
+    status = await cli("migrate", "status", *args)
+    assert status.code == 1
+    assert "dirty: version 2 (things_x), outside a transaction: statement 1 of 1" in status.out
+    again = await cli("migrate", *args)
+    assert again.code == 1 and "may be half applied" in again.out and "resolve" in again.out
+
+    resolve = ("migrate", "resolve", *args, "--version", "2", "--applied", "--shard")
+    refused = await cli(*resolve, shards.names[0])
+    assert refused.code == 1 and "is applied on" in refused.out and "not dirty" in refused.out
+    # Someone repairs shard 1 by hand and records the version as done.
+    await shards.execute(1, "CREATE TABLE things (x int); CREATE INDEX things_x ON things (x)")
+    resolved = await cli(*resolve, shards.names[1])
+    assert resolved.code == 0, resolved.out + resolved.err
+    assert "recorded as applied" in resolved.out
+    done = await cli("migrate", *args)
+    assert done.code == 0, done.out + done.err
+    for index in range(4):
+        rows = await shards.bookkeeping(index)
+        assert {v: r["state"] for v, r in rows.items()} == {1: "applied", 2: "applied"}
+
+
+async def test_an_unsharded_database_and_a_lock_that_is_not_released_in_time(
+    shards: ShardSet, tmp_path: Path
+) -> None:
+    folder = write_files(tmp_path / "migrations", {"0001_counter.sql": COUNTER})
+    primary = shards.database()["shards"][0]["primary"]
+    config = write_config(tmp_path / "plain.yaml", {"plain": {"primary": primary}})
+    args = ("--config", str(config), "--dir", str(folder))
+    holder = await asyncpg.connect(shards.dsn(0))
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+        waited = await cli("migrate", *args, "--database", "plain", "--lock-timeout", "0.3")
+    finally:
+        await holder.close()  # the lock ends with its session
+    assert waited.code == 1
+    assert "another migrator held the migration lock over 0.3 s" in waited.out
+    assert not await shards.has_table(0, "applied_log")
+    status = await cli("migrate", "status", *args, "--database", "plain")
+    assert status.code == 3 and "dbsidecar migrate --database plain" in status.out
+    assert (await cli("migrate", *args, "--database", "plain")).code == 0
+    assert (await cli("migrate", "status", *args, "--database", "plain")).code == 0
+    assert (await cli("migrate", *args)).code == 2  # which database?
