@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from wire.protocol import Append, NewEvent, ReadCategory, ReadStream
+from wire.protocol import Append, NewEvent, OutboxMessage, ReadCategory, ReadStream
 
 from .connection import ConnectionManager, Handle
 from .errors import DbSidecarError
@@ -103,6 +103,10 @@ class EventStore:
     __database__: ClassVar[str | None] = None
     # When set, aggregate ids become the streams '<category>-<id>'.
     __category__: ClassVar[str | None] = None
+    # When set, every appended event is also an outbox message to this subject, committed
+    # with it (the seed's append_event + publish_event, atomic): the event's id is the
+    # message id, its stream the aggregate the relay keeps the order of.
+    __publish__: ClassVar[str | None] = None
 
     @classmethod
     def stream_of(cls, aggregate_id: Any) -> str:
@@ -146,16 +150,20 @@ class EventStore:
         events: Sequence[EventData],
         *,
         expected_version: ExpectedVersion = "any",
+        outbox: Sequence[OutboxMessage] = (),
         using: str | Handle | None = None,
     ) -> AppendResult:
-        """Append events to a stream, all or none. Sent again (same ids) while the
-        outcome is unknown or the sidecar answers a retryable error."""
+        """Append events to a stream, all or none, with ``outbox`` messages committed
+        along. Sent again (same ids) while the outcome is unknown or the sidecar answers
+        a retryable error."""
         db = cls._handle(using)
+        messages = [*cls._published(stream, events), *outbox]
         plan = Append(
             database=db.database,
             stream=stream,
             events=[NewEvent(str(e.id), e.type, e.data, e.metadata) for e in events],
             expected_version=expected_version,
+            outbox=messages,
         )
         attempt = 0
         while True:
@@ -176,6 +184,19 @@ class EventStore:
             [r["position"] for r in rows],
             [r["recorded_at"] for r in rows],
         )
+
+    @classmethod
+    def _published(cls, stream: str, events: Sequence[EventData]) -> list[OutboxMessage]:
+        if cls.__publish__ is None:
+            return []
+        messages = []
+        for e in events:
+            payload = {"id": str(e.id), "stream": stream, "type": e.type, "data": e.data}
+            if e.metadata is not None:
+                payload["metadata"] = e.metadata
+            headers = {"event-type": e.type}
+            messages.append(OutboxMessage(str(e.id), cls.__publish__, stream, payload, headers))
+        return messages
 
     @classmethod
     async def read_stream(

@@ -31,7 +31,7 @@ from wire.protocol import (
     Update,
 )
 
-from . import eventstore, plancheck, rawsql
+from . import eventstore, outbox, plancheck, rawsql
 from .errors import SidecarError, bad_plan
 from .plancheck import MAX_LIST_VALUES, MAX_PARAMS, TRUE, Shape, column, table
 
@@ -88,6 +88,14 @@ class Compiled:
     shape: Shape = ()
     database: str = ""
     work: eventstore.Work | None = None
+    # Outbox messages inserted before the statement, in its transaction.
+    outbox: outbox.OutboxWork | None = None
+
+    @property
+    def transactional(self) -> bool:
+        """Whether it needs a transaction even alone (work holding locks to COMMIT, or a
+        write and its outbox messages)."""
+        return self.work is not None or self.outbox is not None
 
     def on_shard(self, key: str) -> Compiled:
         """The plan as it runs on the shard whose checkpoint key is ``key`` (event reads
@@ -95,7 +103,7 @@ class Compiled:
         if self.work is None:
             return self
         return Compiled(self.statement, self.params, self.shape, self.database,
-                        self.work.on_shard(key))  # fmt: skip
+                        self.work.on_shard(key), self.outbox)  # fmt: skip
 
     @property
     def coalescible(self) -> bool:
@@ -146,6 +154,15 @@ class Compiler:
     _cache: OrderedDict[Shape, Statement] = field(default_factory=OrderedDict)
 
     def compile(self, plan: Plan) -> Compiled:
+        compiled = self._compile(plan)
+        messages = getattr(plan, "outbox", None)
+        if messages:
+            if isinstance(plan, Raw) and not plan.writes:
+                raise bad_plan("outbox messages ride on a write: a raw plan with writes=true")
+            compiled.outbox = outbox.prepare(messages)
+        return compiled
+
+    def _compile(self, plan: Plan) -> Compiled:
         if isinstance(plan, EVENT_PLANS):
             work = eventstore.prepare(plan, self.max_result_rows)
             tag = plan.__struct_config__.tag

@@ -164,6 +164,8 @@ async def run_statement(
     conn: asyncpg.Connection, compiled: Compiled, limit: float | None
 ) -> tuple[list[str], list[str | None], list[tuple[Any, ...]], int]:
     """One statement; ``limit`` is its client-side deadline in seconds (see deadline())."""
+    if compiled.outbox is not None:
+        await compiled.outbox(conn, limit)  # in the statement's transaction (see outbox.py)
     if compiled.work is not None:
         return await compiled.work(conn, limit)  # an event-store plan: its own statements
     stmt: Statement = compiled.statement
@@ -260,8 +262,7 @@ async def execute(
             conn.mark_dirty()
         outcomes: list[Outcome] = []
         try:
-            # Event-store work always runs in a transaction: its locks last until COMMIT.
-            if transaction or len(statements) > 1 or readonly or statements[0].work is not None:
+            if transaction or len(statements) > 1 or readonly or statements[0].transactional:
                 # BEGIN and COMMIT by hand: asyncpg's transaction() gives them no deadline.
                 await conn.execute("BEGIN READ ONLY" if readonly else "BEGIN", timeout=timeout)
                 for compiled in statements:

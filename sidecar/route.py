@@ -154,6 +154,11 @@ def route(
             Target(db.shards[i], plan, positions.get(shard_key(db, db.shards[i]))) for i in chosen
         )
         merge = _merge(plan, writes, len(targets))
+    if len(targets) > 1 and getattr(plan, "outbox", None):
+        raise bad_plan(
+            "outbox messages commit with a write on one shard: pin the write to one shard "
+            "(each shard is its own transaction)"
+        )
     return Route(plan, db, intent, scope, targets, merge)
 
 

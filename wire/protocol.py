@@ -59,6 +59,23 @@ class _Plan(
     route: Route = msgspec.field(default_factory=Route)
 
 
+class OutboxMessage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """A message a write commits together with its rows (the transactional outbox), for
+    the relay (``dbsidecar relay``) to deliver to the broker afterwards: at least once,
+    in order per ``aggregate``, with ``id`` as the broker's de-duplication id."""
+
+    id: str  # a UUID
+    subject: str
+    aggregate: str
+    payload: Any = None  # plain JSON
+    headers: dict[str, str] = {}
+
+
+class _Write(_Plan, kw_only=True):
+    # Committed in the write's transaction, on its shard (a write on one shard only).
+    outbox: list[OutboxMessage] = []
+
+
 class Select(_Plan, tag="select"):
     table: str
     columns: list[str] | None = None
@@ -84,13 +101,13 @@ class AggregateQuery(_Plan, tag="aggregate"):
     offset: int | None = None
 
 
-class Insert(_Plan, tag="insert"):
+class Insert(_Write, tag="insert"):
     table: str
     rows: list[dict[str, Any]]
     returning: list[str] | None = None
 
 
-class Update(_Plan, tag="update"):
+class Update(_Write, tag="update"):
     table: str
     values: dict[str, Any] = msgspec.field(name="set")
     where: dict[str, Any] | None = None
@@ -99,14 +116,14 @@ class Update(_Plan, tag="update"):
     all_rows: bool = False
 
 
-class Delete(_Plan, tag="delete"):
+class Delete(_Write, tag="delete"):
     table: str
     where: dict[str, Any] | None = None
     returning: list[str] | None = None
     all_rows: bool = False
 
 
-class Raw(_Plan, tag="raw", kw_only=True):
+class Raw(_Write, tag="raw", kw_only=True):
     sql: str
     params: list[Any] = []
     # Required: it decides the route, and a read-only raw plan runs read-only.
@@ -130,7 +147,7 @@ class NewEvent(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     metadata: Any = None
 
 
-class Append(_Plan, tag="append"):
+class Append(_Write, tag="append"):
     stream: str
     events: list[NewEvent]
     # "any", "no_stream" (no event yet), "stream_exists", or the version of the

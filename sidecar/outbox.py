@@ -1,0 +1,114 @@
+"""The transactional outbox: messages a write commits in its own transaction.
+
+A write plan (or a batch) may carry outbox messages; they are inserted into
+``dbsidecar_outbox`` on the write's shard, inside the write's transaction, so a message
+exists exactly when the write committed (no dual write: nothing is published for a
+rolled-back write, nothing is lost after a committed one). The relay
+(:mod:`sidecar.relay`) delivers them afterwards, in id order.
+
+Order per aggregate: ids are taken at insert and become visible at commit, so two
+transactions writing messages of one aggregate could commit in the other order than
+their ids and a relay reading in id order would deliver them reversed. Writers take a
+transaction-level advisory lock per aggregate before inserting (in one order, by the
+aggregate's hash, so two writers of the same aggregates never deadlock), which makes
+commit order and id order the same within an aggregate.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from wire.protocol import OutboxMessage
+
+from . import storetables
+from .errors import bad_plan
+from .storetables import OUTBOX, OUTBOX_LOCK
+
+Parts = tuple[list[str], list[str | None], list[tuple[Any, ...]], int]
+
+MAX_SUBJECT = 255
+MAX_AGGREGATE = 512
+# A subject a broker accepts for publishing (NATS: dot-separated tokens, no whitespace,
+# no wildcards), checked here: a message the relay could never deliver would hold up
+# every message after it.
+_SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
+
+# The locks, taken in the order of the aggregates' hashes; each row also says whether the
+# table exists yet.
+_LOCKS_SQL = (
+    f"SELECT pg_advisory_xact_lock({OUTBOX_LOCK}, k.h), to_regclass('{OUTBOX}') IS NOT NULL "
+    "FROM (SELECT DISTINCT hashtext(a) AS h FROM unnest($1::text[]) AS a ORDER BY 1) AS k"
+)
+_INSERT_SQL = (
+    f"INSERT INTO {OUTBOX} (message_id, aggregate, subject, payload, headers) "
+    "SELECT m.id, m.aggregate, m.subject, m.payload, m.headers "
+    "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[]) "
+    "WITH ORDINALITY AS m(id, aggregate, subject, payload, headers, n) ORDER BY m.n "
+    # A message id is the message: a retried write (an idempotent append sent again)
+    # does not queue it twice.
+    "ON CONFLICT (message_id) DO NOTHING"
+)
+
+
+def _text(what: str, text: str, longest: int) -> None:
+    if not text or len(text) > longest or "\x00" in text:
+        raise bad_plan(f"an outbox message's {what} must be 1 to {longest} characters")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxWork:
+    """Checked outbox messages, inserted on a connection inside the write's transaction."""
+
+    ids: list[uuid.UUID]
+    aggregates: list[str]
+    subjects: list[str]
+    payloads: list[Any]
+    headers: list[dict[str, str] | None]
+
+    async def __call__(self, conn: asyncpg.Connection, limit: float | None) -> Parts:
+        locked = await conn.fetch(_LOCKS_SQL, self.aggregates, timeout=limit)
+        if not locked[0][1]:
+            await storetables.create(conn, OUTBOX, limit)
+        await conn.execute(
+            _INSERT_SQL,
+            self.ids,
+            self.aggregates,
+            self.subjects,
+            self.payloads,
+            self.headers,
+            timeout=limit,
+        )
+        return [], [], [], 0
+
+
+def prepare(messages: list[OutboxMessage]) -> OutboxWork | None:
+    """Messages checked (ids are UUIDs, names bounded); None when there are none."""
+    if not messages:
+        return None
+    ids: list[uuid.UUID] = []
+    for m in messages:
+        _text("subject", m.subject, MAX_SUBJECT)
+        if not _SUBJECT.fullmatch(m.subject):
+            raise bad_plan(
+                f"outbox subject {m.subject[:60]!r} is not a publishable subject: "
+                "dot-separated tokens without whitespace, '*' or '>'"
+            )
+        _text("aggregate", m.aggregate, MAX_AGGREGATE)
+        try:
+            ids.append(uuid.UUID(m.id))
+        except ValueError:
+            raise bad_plan(f"outbox message id {m.id[:60]!r} is not a UUID") from None
+    if len(set(ids)) != len(ids):
+        raise bad_plan("outbox messages need distinct ids")
+    return OutboxWork(
+        ids,
+        [m.aggregate for m in messages],
+        [m.subject for m in messages],
+        [m.payload for m in messages],
+        [m.headers or None for m in messages],
+    )
