@@ -108,8 +108,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _summary(report: MigrationReport) -> str:
     if report.ok:
-        shards = len(report.shards)
-        return f"{report.database}: all {shards} shards at version {report.latest}"
+        versions = sorted({s.version or 0 for s in report.shards})
+        at = f"version {versions[0]}" if len(versions) == 1 else f"versions {versions}"
+        return f"{report.database}: all {len(report.shards)} shards up to date ({at})"
     bad = [s for s in report.shards if s.outcome in ("failed", "refused")]
     lines = [f"{report.database}: NOT migrated everywhere"]
     lines += [f"  {s.shard}: {s.outcome}: {s.message}" for s in bad]
@@ -237,16 +238,20 @@ def command(args: argparse.Namespace) -> int:
         return FAILED
 
 
-def _common(p: argparse.ArgumentParser, suppress: bool) -> None:
+def _common(
+    p: argparse.ArgumentParser, suppress: bool, locks: bool = True, report: bool = True
+) -> None:
     # Sub-actions SUPPRESS their defaults, so `migrate --config F status` keeps F.
     default = {"default": argparse.SUPPRESS} if suppress else {}
     p.add_argument("--config", metavar="FILE", help="YAML or JSON configuration file", **default)
     p.add_argument("--dir", metavar="DIR", help="the migrations folder (default: the "
                    "database's migrations.dir)", **default)  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print the report as JSON", **default)
-    p.add_argument("--lock-timeout", type=float, metavar="SECONDS", help="how long to wait for "
-                   "another migrator's lock on a shard (default: migrations.lock_timeout, "
-                   "900)", **default)  # fmt: skip
+    if report:
+        p.add_argument("--json", action="store_true", help="print the report as JSON", **default)
+    if locks:
+        p.add_argument("--lock-timeout", type=float, metavar="SECONDS", help="how long to wait "
+                       "for another migrator's lock on a shard (default: "
+                       "migrations.lock_timeout, 900)", **default)  # fmt: skip
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -273,7 +278,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "their errors, pending files and what to do. Exit 0: up to date; 1: a shard needs "
         "attention; 3: versions pending.",
     )
-    _common(show, suppress=True)
+    _common(show, suppress=True, locks=False)
     show.add_argument("--database", metavar="NAME", default=argparse.SUPPRESS,
                       help="one database (default: all)")  # fmt: skip
     fix = actions.add_parser(
@@ -283,7 +288,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "same file is not run again by itself. After repairing the shard, say what to do: "
         "--retry runs it again on the next migrate, --applied records it as done.",
     )
-    _common(fix, suppress=True)
+    _common(fix, suppress=True, report=False)
     fix.add_argument("--database", metavar="NAME", default=argparse.SUPPRESS, required=True)
     fix.add_argument("--shard", metavar="NAME", required=True, help="the shard (database name "
                      "if not sharded)")  # fmt: skip
