@@ -228,7 +228,7 @@ class _Run:
         busy: set[str] = set()
         for target, conn in zip(self.targets, opened, strict=True):
             if isinstance(conn, BaseException):
-                if not isinstance(conn, Refused | _RUN_ERRORS):
+                if not isinstance(conn, (Refused, *_RUN_ERRORS)):
                     raise conn
                 why = str(conn) if isinstance(conn, Refused) else _error_text(conn)
                 self._fail(target.shard, "refused", f"cannot migrate {target.node}: {why}")

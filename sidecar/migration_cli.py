@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -47,8 +49,14 @@ def _settings(path: str | None) -> Settings:
         for node in [db.primary, *db.replicas] + [
             n for s in db.shards for n in (s.primary, *s.replicas)
         ]:
-            if node is not None:
-                logs.register_secret(node.password)
+            if node is None:
+                continue
+            # Masked wherever it came from: the document, the environment or a DSN.
+            logs.register_secret(node.password)
+            if node.password_env:
+                logs.register_secret(os.environ.get(node.password_env))
+            if node.dsn:
+                logs.register_secret(urlsplit(node.dsn).password)
     return settings
 
 

@@ -445,3 +445,18 @@ async def test_an_unsharded_database_and_a_lock_that_is_not_released_in_time(
     assert (await cli("migrate", *args, "--database", "plain")).code == 0
     assert (await cli("migrate", "status", *args, "--database", "plain")).code == 0
     assert (await cli("migrate", *args)).code == 2  # which database?
+
+
+async def test_an_unreachable_shard_stops_the_run_before_anything_and_no_secret_is_printed(
+    tmp_path: Path,
+) -> None:
+    secret = "Sw0rdfish-in-the-dsn"
+    folder = write_files(tmp_path / "migrations", {"0001_counter.sql": COUNTER})
+    nowhere = f"postgresql://app:{secret}@127.0.0.1:9/app"  # port 9: nothing listens
+    config = write_config(tmp_path / "dsn.yaml", {"app": {"primary": {"dsn": nowhere}}})
+    args = ("--config", str(config), "--database", "app", "--dir", str(folder))
+    run = await cli("migrate", *args)
+    assert run.code == 1 and "app: refused: cannot migrate" in run.out
+    status = await cli("migrate", "status", *args)
+    assert status.code == 1 and "cannot reach" in status.out
+    assert not any(secret in r.out + r.err for r in (run, status))
