@@ -460,3 +460,17 @@ async def test_an_unreachable_shard_stops_the_run_before_anything_and_no_secret_
     status = await cli("migrate", "status", *args)
     assert status.code == 1 and "cannot reach" in status.out
     assert not any(secret in r.out + r.err for r in (run, status))
+
+
+async def test_a_replica_configured_as_primary_is_refused(
+    topology: LocalTopology, tmp_path: Path
+) -> None:
+    replica = topology.replica
+    assert replica is not None
+    node = {"host": HOST, "port": replica.port, "database": "orders"}
+    node |= {"user": topology.user, "password": topology.password}
+    config = write_config(tmp_path / "replica.yaml", {"app": {"primary": node}})
+    folder = write_files(tmp_path / "migrations", {"0001_counter.sql": COUNTER})
+    run = await cli("migrate", "--config", str(config), "--database", "app", "--dir", str(folder))
+    assert run.code == 1
+    assert "is in recovery (a replica): migrations run on primaries only" in run.out
