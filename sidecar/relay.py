@@ -1,0 +1,255 @@
+"""The outbox relay: messages committed in ``dbsidecar_outbox`` delivered to NATS JetStream.
+
+One delivery loop per shard primary of a logical database. A loop delivers only while
+it holds a session-level advisory lock on that shard's database, so any number of relay
+processes (one per pod) can run and exactly one delivers per shard; when its connection
+or process dies, PostgreSQL drops the lock and a standby takes over within one poll.
+
+The leader reads the oldest messages in id order (a bounded batch), publishes them one
+after another, each acknowledged by JetStream before the next (so the order per aggregate
+that the writers' locks made, see :mod:`sidecar.outbox`, is the order in the stream),
+with the message id as ``Nats-Msg-Id``, then deletes what was acknowledged in one
+statement. A crash between a publish and the delete publishes those messages again,
+and JetStream drops them by their id within the stream's duplicate window (2 minutes by
+default: keep it longer than a relay may stay down). A failed publish (broker down, no
+stream for the subject) stops the batch there, deletes what went before it, and tries
+again after a backoff that doubles up to ``max_backoff``: nothing is skipped, nothing
+reordered.
+
+Metrics (per database and shard): ``dbsidecar_relay_lag_seconds`` (age of the oldest
+undelivered message, 0 when none), ``dbsidecar_relay_delivered_total``,
+``dbsidecar_relay_failed_total`` (failed publishes), ``dbsidecar_relay_leader`` (1 while
+this process delivers for the shard).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import msgspec
+import nats
+import nats.errors
+import nats.js
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from .pools import connect_kwargs
+from .settings import Settings
+from .storetables import OUTBOX, RELAY_LOCK
+
+log = logging.getLogger("dbsidecar.relay")
+
+_BATCH_SQL = (
+    "SELECT id, message_id, subject, payload, headers, "
+    "extract(epoch FROM clock_timestamp() - created_at)::float8 AS age "
+    f"FROM {OUTBOX} ORDER BY id LIMIT $1"
+)
+_DELETE_SQL = f"DELETE FROM {OUTBOX} WHERE id = ANY($1::bigint[])"
+_EXISTS_SQL = f"SELECT to_regclass('{OUTBOX}') IS NOT NULL"
+_LEAD_SQL = f"SELECT pg_try_advisory_lock({RELAY_LOCK}, 0)"
+
+# What a failed publish can raise: the client's errors (timeouts, a closed or
+# reconnecting connection, no stream for the subject) and the socket's.
+PUBLISH_ERRORS = (nats.errors.Error, asyncio.TimeoutError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayOptions:
+    nats_url: str
+    batch: int = 200
+    # Seconds for one publish's acknowledgement.
+    publish_timeout: float = 2.0
+    # The idle poll and the backoff after failures both grow from min_wait to these.
+    min_wait: float = 0.02
+    max_poll: float = 0.5
+    max_backoff: float = 2.0
+
+
+class RelayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["database", "shard"]
+        self.lag = Gauge("dbsidecar_relay_lag_seconds",
+                         "Age of the oldest undelivered outbox message", labels,
+                         registry=registry)  # fmt: skip
+        self.delivered = Counter("dbsidecar_relay_delivered",
+                                 "Outbox messages acknowledged by the broker", labels,
+                                 registry=registry)  # fmt: skip
+        self.failed = Counter("dbsidecar_relay_failed", "Failed publishes (retried)", labels,
+                              registry=registry)  # fmt: skip
+        self.leader = Gauge("dbsidecar_relay_leader",
+                            "1 while this relay delivers for the shard", labels,
+                            registry=registry)  # fmt: skip
+
+
+def _payload(value: Any) -> bytes:
+    return msgspec.json.encode(value)
+
+
+class Broker:
+    """One NATS connection for the process, reconnecting for ever in the background;
+    connecting again from scratch when the first connect fails."""
+
+    def __init__(self, options: RelayOptions) -> None:
+        self.options = options
+        self._nc: nats.NATS | None = None
+        self._js: nats.js.JetStreamContext | None = None
+
+    async def jetstream(self) -> nats.js.JetStreamContext:
+        if self._js is None:
+            self._nc = await nats.connect(
+                servers=[self.options.nats_url],
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=self.options.min_wait * 10,
+                connect_timeout=self.options.publish_timeout,
+                error_cb=_nats_error,
+                disconnected_cb=_nats_disconnected,
+                reconnected_cb=_nats_reconnected,
+            )
+            self._js = self._nc.jetstream(timeout=self.options.publish_timeout)
+        return self._js
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            with contextlib.suppress(*PUBLISH_ERRORS):
+                await self._nc.close()
+
+
+async def _nats_error(exc: Exception) -> None:
+    # Every failed reconnect attempt lands here (several a second while the broker is
+    # down); the disconnect itself and the failed publishes are the warnings.
+    log.debug("broker connection: %s", exc)
+
+
+async def _nats_disconnected() -> None:
+    log.warning("broker disconnected")
+
+
+async def _nats_reconnected() -> None:
+    log.warning("broker reconnected")
+
+
+class ShardRelay:
+    """The delivery loop of one shard: lead, deliver in batches, back off on failure."""
+
+    def __init__(
+        self,
+        database: str,
+        shard: str,
+        connect: dict[str, Any],
+        broker: Broker,
+        options: RelayOptions,
+        metrics: RelayMetrics,
+    ) -> None:
+        self.database, self.shard = database, shard
+        self._connect = connect
+        self._broker = broker
+        self._options = options
+        self._lag = metrics.lag.labels(database, shard)
+        self._delivered = metrics.delivered.labels(database, shard)
+        self._failed = metrics.failed.labels(database, shard)
+        self._leader = metrics.leader.labels(database, shard)
+
+    async def run(self) -> None:
+        """For ever: connect, wait to lead, deliver; a lost connection starts over."""
+        wait = self._options.min_wait
+        while True:
+            try:
+                conn = await asyncpg.connect(**self._connect)
+                await _json_codecs(conn)
+            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                log.warning("relay %s/%s: cannot connect: %s", self.database, self.shard, exc)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, self._options.max_backoff)
+                continue
+            wait = self._options.min_wait
+            try:
+                await self._lead(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("relay %s/%s: database failed: %s", self.database, self.shard, exc)
+            finally:
+                self._leader.set(0)
+                conn.terminate()  # the server drops the session's lock with it
+
+    async def _lead(self, conn: asyncpg.Connection) -> None:
+        while True:
+            if await conn.fetchval(_LEAD_SQL):
+                break
+            await asyncio.sleep(self._options.max_poll)  # another relay delivers
+        log.info("relay %s/%s: delivering", self.database, self.shard)
+        self._leader.set(1)
+        await self._deliver(conn)
+
+    async def _deliver(self, conn: asyncpg.Connection) -> None:
+        opts = self._options
+        wait = opts.min_wait
+        while True:
+            sent = await self._batch(conn)
+            if sent is None:  # a failure: the same messages again after the backoff
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, opts.max_backoff)
+            elif sent < opts.batch:  # drained: poll, less often while nothing comes
+                await asyncio.sleep(wait)
+                wait = opts.min_wait if sent else min(wait * 2, opts.max_poll)
+            else:
+                wait = opts.min_wait
+
+    async def _batch(self, conn: asyncpg.Connection) -> int | None:
+        """One batch: the number of messages delivered, None when a publish failed."""
+        if not await conn.fetchval(_EXISTS_SQL):
+            self._lag.set(0)
+            return 0  # no write carried a message yet
+        rows = await conn.fetch(_BATCH_SQL, self._options.batch)
+        self._lag.set(rows[0]["age"] if rows else 0)
+        done: list[int] = []
+        failed = False
+        try:
+            js = await self._broker.jetstream()
+            for row in rows:
+                headers = {**(row["headers"] or {}), "Nats-Msg-Id": str(row["message_id"])}
+                await js.publish(row["subject"], _payload(row["payload"]), headers=headers)
+                done.append(row["id"])
+        except PUBLISH_ERRORS as exc:
+            failed = True
+            self._failed.inc()
+            log.warning("relay %s/%s: publish failed: %r", self.database, self.shard, exc)
+        if done:
+            await conn.execute(_DELETE_SQL, done)
+            self._delivered.inc(len(done))
+        return None if failed else len(done)
+
+
+async def _json_codecs(conn: asyncpg.Connection) -> None:
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typ, encoder=_payload, decoder=msgspec.json.decode, schema="pg_catalog"
+        )
+
+
+def shard_relays(
+    settings: Settings,
+    database: str,
+    broker: Broker,
+    options: RelayOptions,
+    metrics: RelayMetrics,
+) -> list[ShardRelay]:
+    """A delivery loop for each shard primary of ``database`` (one without shards: one)."""
+    db = settings.databases.get(database)
+    if db is None:
+        known = sorted(settings.databases)
+        raise ValueError(f"no database {database!r} is configured; known: {known}")
+    shards = [(s.name, s.primary) for s in db.shards] or [("", db.primary)]
+    relays = []
+    for name, node in shards:
+        if node is None:
+            # Nodes found in Consul's catalog have no static primary to connect to.
+            raise ValueError(f"database {database!r} shard {name!r} names no primary node")
+        where = f"{database}/{name}" if name else database
+        kwargs = connect_kwargs(node, database, where)
+        kwargs["server_settings"] = {"application_name": "dbsidecar-relay"}
+        relays.append(ShardRelay(database, name, kwargs, broker, options, metrics))
+    return relays
