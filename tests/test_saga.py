@@ -368,6 +368,27 @@ async def test_serve_runs_sagas_begun_anywhere(saga_dbs) -> None:
     await assert_balanced(saga_dbs, sku, [o for o in outcomes if o is not None])
 
 
+async def test_a_saga_is_not_resumed_under_a_changed_definition(saga_dbs) -> None:
+    """Step indexes in the log mean the steps it began with: code whose steps differ leaves
+    the saga alone (and says why in the log) for code that still has them."""
+    sku = await new_sku(saga_dbs)
+    saga = order_saga()
+    saga_id = await Orchestrator([saga]).begin(saga, order(sku))
+    changed = Saga("order", saga.steps[:2] + saga.steps[3:])
+    assert await Orchestrator([changed], lease=0.01).run(saga_id) is None
+    left = await Orchestrator([saga]).get(saga_id)
+    assert left is not None and left.state == "running" and left.step == 0
+    assert "not resumed: the log has steps" in (left.last_error or "")
+
+    async def lease_over() -> bool:
+        return bool(await Orchestrator([saga]).run(saga_id))
+
+    await eventually(lease_over, 10, "the original code to run the saga")
+    outcome = await Orchestrator([saga]).get(saga_id)
+    assert outcome is not None and outcome.state == "completed"
+    await assert_balanced(saga_dbs, sku, [outcome])
+
+
 async def test_pg_xact_status_settles_committed_aborted_and_running_transactions(
     saga_dbs,
 ) -> None:
