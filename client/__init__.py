@@ -45,9 +45,11 @@ from .fields import (
     TimestampField,
     UUIDField,
 )
+from .migrations import MigrationFailed, migrate
 from .model import ActiveRecord
 from .query import Query
 from .results import Rows
+from .saga import LeaseLost, Orchestrator, Saga, SagaOutcome, Step
 from .transactions import Transaction
 
 __all__ = [
@@ -69,17 +71,23 @@ __all__ = [
     "IntegrityError",
     "JSONField",
     "Json",
+    "LeaseLost",
     "Max",
+    "MigrationFailed",
     "Min",
+    "Orchestrator",
     "PartialWrite",
     "PlanError",
     "PrimaryKeyField",
     "Query",
     "RecordNotFound",
     "Rows",
+    "Saga",
+    "SagaOutcome",
     "ShardKeyRequired",
     "SidecarUnreachable",
     "SplitBrain",
+    "Step",
     "StringField",
     "Sum",
     "TextField",
@@ -96,4 +104,5 @@ __all__ = [
     "ValidationError",
     "WriteOutcomeUnknown",
     "ids",
+    "migrate",
 ]

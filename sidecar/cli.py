@@ -18,7 +18,7 @@ from typing import Any
 import uvloop
 import yaml
 
-from . import __version__, logs, migration_cli, relay_cli
+from . import __version__, logs, migration_cli, relay_cli, saga_view
 from .settings import ConfigError, Settings, load_settings
 
 DEFAULT_OPS = "http://127.0.0.1:9432"
@@ -226,6 +226,7 @@ def parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     migration_cli.add_parser(sub)
+    saga_view.add_parser(sub)
     relay_cli.add_parser(sub)
     return p
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from client import Transaction
-from client.saga import Saga, Step
+from client import Saga, Step, Transaction
 
 from .models import Order, OrderItem, Payment, Product
 

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from client.saga import Orchestrator
+from client import Orchestrator
 
 from .models import Order, OrderItem, Payment
 from .order_saga import ORDER_SAGA

@@ -17,8 +17,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from client import ConnectionManager, RecordNotFound, ValidationError
-from client.migrations import migrate
+from client import ConnectionManager, RecordNotFound, ValidationError, migrate
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DATABASES = ("users", "inventory", "orders", "payments")
