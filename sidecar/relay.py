@@ -169,7 +169,7 @@ class ShardRelay:
             wait = self._options.min_wait
             try:
                 await self._lead(conn)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("relay %s/%s: database failed: %s", self.database, self.shard, exc)
             finally:
                 self._leader.set(0)
@@ -251,5 +251,8 @@ def shard_relays(
         where = f"{database}/{name}" if name else database
         kwargs = connect_kwargs(node, database, where)
         kwargs["server_settings"] = {"application_name": "dbsidecar-relay"}
+        # A frozen server fails the loop's statements (and it connects again) instead of
+        # holding the relay for ever.
+        kwargs["command_timeout"] = options.publish_timeout * 10
         relays.append(ShardRelay(database, name, kwargs, broker, options, metrics))
     return relays
