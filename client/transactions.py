@@ -15,7 +15,7 @@ import msgspec
 
 from wire.protocol import BatchResult, Plan, Result, Route, TxBegin, TxDone, TxOpened
 
-from .errors import DbSidecarError
+from .errors import DbSidecarError, SidecarUnreachable, WriteOutcomeUnknown
 
 if TYPE_CHECKING:
     from .connection import DatabaseHandle
@@ -72,8 +72,18 @@ class Transaction:
 
     async def commit(self) -> None:
         path = self._path("/commit")
-        self.id = None  # committed or not, the transaction is over on the sidecar
-        done = await self.base.transport.request("POST", path, b"", _done)
+        tx_id, self.id = self.id, None  # committed or not, the transaction is over here
+        try:
+            done = await self.base.transport.request("POST", path, b"", _done)
+        except SidecarUnreachable as exc:
+            # The request may have reached the sidecar: "unreachable" would read as
+            # "nothing happened" and invite a retry that applies the transaction twice.
+            raise WriteOutcomeUnknown(
+                f"no answer to the commit of transaction {tx_id} ({exc}); it may or may not "
+                "have committed: check before applying it again",
+                code="write_outcome_unknown",
+                retryable=True,
+            ) from exc
         self.base.observe(done.lsn)
 
     async def rollback(self) -> None:

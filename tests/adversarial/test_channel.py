@@ -47,7 +47,7 @@ from devstack.postgres import LocalTopology
 
 from ..conftest import sidecar_config
 from ..harness import SidecarProcess, counter, eventually, http_get
-from .attack import rss_bytes
+from .attack import Proxy, rss_bytes
 
 MiB = 1024 * 1024
 # A user_id no other test writes: refused frames must not have inserted anything.
@@ -374,46 +374,6 @@ async def test_a_frame_without_a_readable_id_closes_the_channel(
 
 
 # Channels that drop
-class Proxy:
-    """A TCP proxy in front of the sidecar whose connections the test cuts."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = ""
-        self.links: list[asyncio.StreamWriter] = []
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> Proxy:
-        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.cut()
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.links += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    def cut(self) -> None:
-        """Drop every connection through the proxy (it keeps accepting new ones)."""
-        for writer in self.links:
-            writer.transport.abort()
-        self.links = []
-
-
 async def _running(primary: asyncpg.Connection, marker: str) -> None:
     sql = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()"
 

@@ -17,9 +17,14 @@ from typing import Any
 import pytest
 import yaml
 
+from client import WriteOutcomeUnknown
+from client.connection import DatabaseHandle
+from client.transport import Transport
+from wire.protocol import Raw
+
 from ..conftest import sidecar_config
 from ..harness import SidecarProcess, eventually
-from .attack import post
+from .attack import Proxy, post
 
 ORDERS = "orders"
 
@@ -220,3 +225,50 @@ async def test_a_reload_does_not_break_open_transactions(topology, tmp_path, pri
         assert await count(primary, user) == 2
     finally:
         proc.terminate()
+
+
+SLOW_COMMIT = """
+CREATE TABLE IF NOT EXISTS slow_commit (id bigint);
+CREATE OR REPLACE FUNCTION slow_commit_check() RETURNS trigger LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
+DROP TRIGGER IF EXISTS slow_commit_check ON slow_commit;
+-- Deferred: the second passes inside COMMIT, where the test cuts the connection.
+CREATE CONSTRAINT TRIGGER slow_commit_check AFTER INSERT ON slow_commit
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit_check();
+"""
+
+
+async def test_a_commit_whose_answer_is_lost_is_an_unknown_outcome(sidecar, primary) -> None:
+    """The connection drops while COMMIT runs: the client cannot know whether it
+    committed, so it says so (WriteOutcomeUnknown), never "unreachable", which reads as
+    "nothing happened" and invites a retry that would apply the transaction twice."""
+    await primary.execute(SLOW_COMMIT)
+    mark = marker()
+    async with Proxy(sidecar.port) as proxy:
+        db = DatabaseHandle("lost-commit", transport=Transport(proxy.url, mode="http"),
+                            database=ORDERS)  # fmt: skip
+        try:
+            async with db.transaction() as tx:
+                sql = "INSERT INTO slow_commit VALUES ($1)"
+                await tx.run(Raw(database=ORDERS, sql=sql, params=[mark], writes=True))
+                commit = asyncio.create_task(tx.commit())
+
+                async def committing() -> bool:
+                    sql = (
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE query ILIKE 'COMMIT%' AND wait_event = 'PgSleep'"
+                    )
+                    return await primary.fetchval(sql) > 0
+
+                await eventually(committing, 10, "the COMMIT to run")
+                proxy.cut()
+                with pytest.raises(WriteOutcomeUnknown, match="may or may not have committed"):
+                    await commit
+        finally:
+            await db.transport.close()
+
+    async def committed() -> bool:
+        return await primary.fetchval("SELECT count(*) FROM slow_commit WHERE id = $1", mark) == 1
+
+    # Unknown to the client; in truth the sidecar finished the COMMIT.
+    await eventually(committed, 10, "the commit to land")
