@@ -323,6 +323,9 @@ async def _transactional(table: Table, m: Migration) -> str | None:
     try:
         async with table.conn.transaction():
             await table.conn.execute(m.sql)
+            # A file may SET ROLE (to own what it creates): the bookkeeping row is the
+            # migrator's own, written with its own rights.
+            await table.conn.execute("RESET ROLE")
             await table.record(
                 m.version, m.name, m.checksum, "applied", True,
                 duration=time.monotonic() - began,
@@ -332,8 +335,7 @@ async def _transactional(table: Table, m: Migration) -> str | None:
         await table.record(m.version, m.name, m.checksum, "dirty", True, error)
         return error
     finally:
-        # Settings a file SET (search_path, role, timeouts) end with it.
-        await table.conn.execute("RESET ALL")
+        await _reset(table.conn)
     return None
 
 
@@ -344,19 +346,45 @@ async def _outside(table: Table, m: Migration) -> str | None:
         m.version, m.name, m.checksum, "dirty", False,
         "interrupted: the migrator stopped while running it",
     )  # fmt: skip
+    error = None
     try:
         for i, statement in enumerate(m.statements, 1):
             try:
                 await table.conn.execute(statement)
             except asyncpg.PostgresError as exc:
                 error = f"statement {i} of {len(m.statements)}: {_error_text(exc)}"
-                await table.record(m.version, m.name, m.checksum, "dirty", False, error)
-                return error
+                break
     finally:
-        await table.conn.execute("RESET ALL")
+        # A file's BEGIN without its COMMIT leaves a transaction open on this connection:
+        # the bookkeeping row would be written inside it and the report would say applied,
+        # then closing the connection rolls all of it back. Roll it back now, and say so.
+        left_open = table.conn.is_in_transaction()
+        if left_open:
+            await table.conn.execute("ROLLBACK")
+        await _reset(table.conn)
+    if left_open:
+        rolled_back = (
+            "the file left a transaction open (BEGIN without COMMIT); its statements "
+            "since BEGIN were rolled back"
+        )
+        error = rolled_back if error is None else f"{error}; {rolled_back}"
+    if error is not None:
+        await table.record(m.version, m.name, m.checksum, "dirty", False, error)
+        return error
     duration = time.monotonic() - began
     await table.record(m.version, m.name, m.checksum, "applied", False, duration=duration)
     return None
+
+
+# What a file may leave on the migrator's session for the files after it. RESET ALL
+# leaves the role alone (SET ROLE), and a temporary table outlives its transaction and
+# is searched before every schema: a later file's INSERT would land in it and vanish with
+# the session. DISCARD ALL is not usable here: it also releases the migration lock.
+_RESET = "RESET ROLE; RESET ALL; DISCARD TEMP; UNLISTEN *"
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    await conn.execute(_RESET)
 
 
 async def _close(conns: dict[str, asyncpg.Connection]) -> None:

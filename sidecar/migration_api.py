@@ -29,6 +29,12 @@ from .runtime import Runtime
 _decoder = msgspec.json.Decoder(MigrateRequest)
 # Migrations running for callers that may have gone (kept so they are not collected).
 _running: set[asyncio.Task[MigrationReport]] = set()
+# One run at a time per database in this sidecar. A run holds a dedicated connection to
+# every shard for as long as it waits for the migration lock (lock_timeout, 900 s by
+# default), so callers running at once would hold one per shard each, without bound, and
+# exhaust the servers' max_connections for everyone. Only one of them could hold the
+# shards' lock anyway; the others, run after it, find the shards current.
+_gates: dict[str, asyncio.Lock] = {}
 
 
 def _bad(message: str) -> SidecarError:
@@ -54,7 +60,9 @@ async def _files(runtime: Runtime, request: MigrateRequest) -> list[Migration]:
         )
     try:
         if request.migrations:
-            return checked(request.migrations)
+            # Up to max_body_bytes of SQL to split and check: off the event loop, like
+            # the folder's reading below, so other requests and the probes go on.
+            return await asyncio.to_thread(checked, request.migrations)
         if settings.dir is None:
             raise _bad(
                 f"no migrations sent and databases.{request.database}.migrations.dir is not set"
@@ -71,11 +79,20 @@ async def run(runtime: Runtime, versions: SchemaVersions, body: bytes) -> Migrat
     targets = from_runtime(runtime, request.database)
     settings = runtime.topology.databases[request.database].settings.migrations
     assert settings is not None  # checked by _files
-    task = asyncio.create_task(
-        migrate(request.database, targets, files, lock_timeout=settings.lock_timeout)
-    )
+    gate = _gates.setdefault(request.database, asyncio.Lock())
+    # A caller that goes away while waiting here has started nothing.
+    await gate.acquire()
+    try:
+        task = asyncio.create_task(
+            migrate(request.database, targets, files, lock_timeout=settings.lock_timeout)
+        )
+    except BaseException:
+        gate.release()
+        raise
     _running.add(task)
     task.add_done_callback(_running.discard)
+    # Released when the run ends, even if its caller went away (the run goes on).
+    task.add_done_callback(lambda _: gate.release())
     report = await asyncio.shield(task)
     await versions.refresh(runtime, [request.database])
     # Shard errors come from PostgreSQL; mask any configured secret they might quote.
