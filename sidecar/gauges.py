@@ -114,7 +114,7 @@ class StateCollector(Collector):
         registry = state.config.registry
         if registry is not None:
             registry_up = GaugeMetricFamily(
-                "dbsidecar_registry_up", "1 while the configuration registry (Consul) answers."
+                "dbsidecar_registry_up", "1 while the registry (Consul or etcd) answers."
             )
             registry_up.add_metric([], 1.0 if registry.up else 0.0)
             yield registry_up

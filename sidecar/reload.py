@@ -1,10 +1,10 @@
 """Configuration at run time: its sources, reloads, and applying a change safely.
 
-Sources, later winning: the file, ``DBSIDECAR_*`` environment variables, the Consul
-KV document; plus the Consul catalog for databases that name a service. A reload
-(file change, SIGHUP, ``POST /v1/admin/reload``, a registry change) composes them and
-validates the result before anything changes: an invalid, unparsable, empty or
-deleted document is refused, the last good configuration keeps serving, and the
+Sources, later winning: the file, ``DBSIDECAR_*`` environment variables, the registry's
+document (a Consul KV key or an etcd key); plus the Consul catalog for databases that name
+a service. A reload (file change, SIGHUP, ``POST /v1/admin/reload``, a registry change)
+composes them and validates the result before anything changes: an invalid, unparsable,
+empty or deleted document is refused, the last good configuration keeps serving, and the
 error is kept for /healthz, /v1/topology and ``dbsidecar_config_reloads_total``.
 
 Applying builds the new routing table completely first (pools for new nodes, their
@@ -27,7 +27,9 @@ from urllib.parse import urlsplit
 
 from . import logs, metrics
 from .health import Prober
-from .registry import ConsulRegistry
+from .registry import Registry
+from .registry_consul import ConsulRegistry
+from .registry_etcd import EtcdRegistry
 from .runtime import Runtime
 from .settings import (
     ConfigError,
@@ -96,7 +98,7 @@ class ConfigManager:
         self.registry_doc: dict[str, Any] | None = None
         self.catalog: dict[str, list[CatalogNode]] = {}
         self._applied_catalog: dict[str, list[CatalogNode]] = {}
-        self.registry: ConsulRegistry | None = None
+        self.registry: Registry | None = None
         self.state: Host | None = None
         self.last_error: dict[str, Any] | None = None
         self.last_applied = time.time()
@@ -131,11 +133,8 @@ class ConfigManager:
     async def start(self, state: Host) -> None:
         """Read the registry (waiting for it if required), then build the first table."""
         self.state = state
-        consul = self.bootstrap.registry.consul
-        if consul is not None:
-            self.registry = ConsulRegistry(
-                consul, self.bootstrap.registry.key, self._on_document, self._on_catalog
-            )
+        self.registry = self._open_registry()
+        if self.registry is not None:
             self.registry.start()
             await self._first_document()
         settings = self._startup_settings()
@@ -154,6 +153,16 @@ class ConfigManager:
         if self.path is not None:
             self._background(self._watch_file())
 
+    def _open_registry(self) -> Registry | None:
+        bootstrap = self.bootstrap.registry
+        if bootstrap.consul is not None:
+            return ConsulRegistry(
+                bootstrap.consul, bootstrap.key, self._on_document, self._on_catalog
+            )
+        if bootstrap.etcd is not None:
+            return EtcdRegistry(bootstrap.etcd, bootstrap.key, self._on_document, self._on_catalog)
+        return None
+
     async def _first_document(self) -> None:
         assert self.registry is not None
         required = self.bootstrap.registry.required
@@ -165,8 +174,7 @@ class ConfigManager:
                 if not required:
                     break
                 log.warning(
-                    "waiting for the registry at %s (registry.required)",
-                    self.registry.settings.address,
+                    "waiting for the registry at %s (registry.required)", self.registry.where
                 )
         cached = self._read_cache()
         if cached is not None:
@@ -180,7 +188,8 @@ class ConfigManager:
             return self.compose()
         except ConfigError as exc:
             # A bad registry document must not stop the start: file and env still hold.
-            self._failed("consul", exc)
+            assert self.registry is not None  # only a registry document can be bad here
+            self._failed(self.registry.source, exc)
             self.registry_doc = None
             return self.compose()
 
@@ -207,14 +216,15 @@ class ConfigManager:
 
     # Registry callbacks
     async def _on_document(self, raw: bytes | None) -> None:
-        source = "consul"
+        assert self.registry is not None
+        source = self.registry.source
         try:
             if raw is None or not raw.strip():
                 if self.registry_doc is None and self.state is None:
                     return  # no document at all yet: file and env are the configuration
                 raise ConfigError(f"{self.bootstrap.registry.key}: the key is missing or empty")
             text = raw.decode("utf-8", errors="replace")
-            doc = parse_document(text, f"consul key {self.bootstrap.registry.key}")
+            doc = parse_document(text, f"{source} key {self.bootstrap.registry.key}")
             self.compose(doc)  # validate before taking it
         except ConfigError as exc:
             self._failed(source, exc)

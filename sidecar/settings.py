@@ -253,11 +253,32 @@ class ConsulSettings(_Section):
     wait: float = 30.0
 
 
+class EtcdSettings(_Section):
+    """An etcd v3 cluster (gRPC API, etcd 3.4 or later)."""
+
+    # host:port of the cluster's members; the client moves to the next one on an error.
+    endpoints: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:2379"])
+    # The key holding the configuration document; default dbsidecar/<service>/config.
+    key: str | None = None
+    # etcd authentication: the password comes from the environment variable named here
+    # or from a file (a mounted Secret), never from the document itself.
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    # TLS: the CA that signed the members' certificates, and a client certificate.
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Seconds a single request (a read, the watch's creation) may take.
+    timeout: float = 5.0
+
+
 class RegistrySettings(_Section):
     """Where the configuration and nodes come from besides the file (bootstrap only:
     taken from the file and environment, never from the registry itself)."""
 
     consul: ConsulSettings | None = None
+    etcd: EtcdSettings | None = None
     # The service this sidecar belongs to, for the default KV key.
     service: str = "default"
     # Wait for the registry at startup instead of starting from the file or the cache.
@@ -271,6 +292,8 @@ class RegistrySettings(_Section):
     def key(self) -> str:
         if self.consul is not None and self.consul.key:
             return self.consul.key
+        if self.etcd is not None and self.etcd.key:
+            return self.etcd.key
         return f"dbsidecar/{self.service}/config"
 
 
@@ -332,6 +355,7 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"limits.{key}: must be at least 1")
     if settings.coalescing.max_plans < 2:
         raise ConfigError("coalescing.max_plans: must be at least 2 (or set enabled: false)")
+    _check_registry(settings.registry)
     seen_nodes: set[str] = set()
     for name, db in settings.databases.items():
         where = f"databases.{name}"
@@ -344,6 +368,10 @@ def _check(settings: Settings) -> None:
             db.migrations.lock_timeout <= 0 or db.migrations.version_interval <= 0
         ):
             raise ConfigError(f"{where}.migrations: lock_timeout and version_interval are seconds")
+        if settings.registry.etcd is not None and (
+            db.service is not None or any(s.service is not None for s in db.shards)
+        ):
+            raise ConfigError(f"{where}: nodes from a Consul service need registry.consul")
         if db.sharding is None:
             if db.shards:
                 raise ConfigError(f"{where}.shards: shards need a 'sharding' section")
@@ -363,6 +391,30 @@ def _check(settings: Settings) -> None:
                 raise ConfigError(f"{where}.shards: duplicate name {shard_name!r}")
             seen_nodes.add(shard_name)
         _check_sharding(where, db.sharding, names)
+
+
+def _check_registry(registry: RegistrySettings) -> None:
+    if registry.consul is not None and registry.etcd is not None:
+        raise ConfigError("registry: give either consul or etcd, not both")
+    etcd = registry.etcd
+    if etcd is None:
+        return
+    if not etcd.endpoints:
+        raise ConfigError("registry.etcd.endpoints: give at least one host:port")
+    for i, endpoint in enumerate(etcd.endpoints):
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"registry.etcd.endpoints[{i}]: not host:port")
+    if etcd.password_env is not None and etcd.password_file is not None:
+        raise ConfigError("registry.etcd: give password_env or password_file, not both")
+    has_password = etcd.password_env is not None or etcd.password_file is not None
+    if (etcd.username is None) == has_password:
+        raise ConfigError("registry.etcd: username and a password (password_env or "
+                          "password_file) go together")  # fmt: skip
+    if (etcd.cert_file is None) != (etcd.key_file is None):
+        raise ConfigError("registry.etcd: cert_file and key_file go together")
+    if etcd.timeout <= 0:
+        raise ConfigError("registry.etcd.timeout: seconds, above 0")
 
 
 def _check_nodes(
