@@ -512,8 +512,11 @@ class Orchestrator:
         waited = 0
         while True:
             status = await saga_log.xact_status(db, entry["txid"], entry["shard"])
-            if status is None:
-                # Too old for the commit log: long over, and its ledger row tells.
+            if status is None or status == "committed":
+                # None: too old for the commit log, long over. Committed: the step's
+                # ledger row commits with it, so without that row the xid8 is another
+                # transaction's (a failover to a replica that never saw the step's, a
+                # restored backup) and the step was not applied. The ledger tells.
                 found = await saga_log.ledger_output(db, run.id, index, phase, entry["shard"])
                 status = "committed" if found is not None else "aborted"
             if status != "in progress":

@@ -14,6 +14,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import socket
 import sys
 from typing import Any
@@ -108,6 +109,18 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+# Control characters (C0, DEL, C1) and bidirectional overrides: in a saga's id, name,
+# step, owner or error (whatever the services wrote) they would move the cursor, clear or
+# retitle the operator's terminal, or make one line look like another.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str) -> str:
+    return _UNPRINTABLE.sub(
+        lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 256 else f"\\u{ord(m[0]):04x}", text
+    )
+
+
 def render(sagas: list[dict[str, Any]]) -> str:
     if not sagas:
         return "no unfinished sagas"
@@ -119,11 +132,10 @@ def render(sagas: list[dict[str, Any]]) -> str:
             step = "-"
         else:
             step = f"{s['step'] + 1}/{s['steps']} {s['step_name'] or ''}".rstrip()
-        error = (s["error"] or "").replace("\n", " ")
-        lines.append(
-            (s["id"], s["name"], state, step, str(s["attempts"]), _age(s["age"]),
-             s["owner"] or "-", error[:80])
-        )  # fmt: skip
+        error = _printable((s["error"] or "").replace("\n", " "))
+        cells = (s["id"], s["name"], state, step, str(s["attempts"]), _age(s["age"]),
+                 s["owner"] or "-")  # fmt: skip
+        lines.append((*(_printable(c) for c in cells), error[:80]))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1]

@@ -1,0 +1,123 @@
+"""Attacks on sagas: a log whose recorded transaction id PostgreSQL now gives another
+transaction, and hostile text in the log printed to an operator's terminal.
+
+Sagas run through the session sidecar (the ``handles`` fixture); the log and the ledgers
+are the ones tests/test_saga.py installs (its ``saga_dbs`` fixture), and the truth is
+read straight from PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+from client import saga_log
+from client.saga import Orchestrator, Saga, Step
+from client.transactions import Transaction
+from sidecar import saga_view
+from wire.protocol import Raw
+
+from ..harness import SidecarProcess, eventually
+from ..test_saga import saga_dbs
+
+__all__ = ["saga_dbs"]  # the fixture, used by the tests below
+
+pytestmark = pytest.mark.usefixtures("handles")
+FAST = {"backoff": 0.01, "max_backoff": 0.05}
+EFFECTS = "CREATE TABLE IF NOT EXISTS adv_saga_effects (saga_id text NOT NULL, step text NOT NULL)"
+
+
+async def _effect(tx: Transaction, data: dict[str, Any]) -> None:
+    await tx.run(
+        Raw(
+            database=tx.database,
+            sql="INSERT INTO adv_saga_effects VALUES ($1, 'only')",
+            params=[data["id"]],
+            writes=True,
+        )
+    )
+
+
+async def test_a_committed_txid_without_its_ledger_row_does_not_skip_the_step(
+    saga_dbs: dict[str, asyncpg.Connection],
+) -> None:
+    """The log names the step's transaction by its xid8; pg_xact_status says "committed"
+    for it, but the ledger row that commits with every step is not there. That is what a
+    failover to an asynchronous replica that never saw the step's transaction looks like
+    (the new primary hands the same xid8 to another transaction), or a restored backup:
+    the step was never applied and must run, not be taken as done."""
+    orders = saga_dbs["orders"]
+    await orders.execute(EFFECTS)
+    saga = Saga("adv_reused_xid", [Step("only", _effect, database="orders")])
+    orchestrator = Orchestrator([saga], **FAST)
+    saga_id = f"adv-{uuid.uuid4().hex[:10]}"
+    await orchestrator.begin(saga, {"id": saga_id}, saga_id=saga_id)
+    # Another transaction, committed, on the step's database: it now holds that xid8.
+    async with orders.transaction():
+        txid = await orders.fetchval("SELECT pg_current_xact_id()::text")
+        await orders.execute("SELECT 1")
+    # A crashed orchestrator left the step pending with that txid (its lease ran out).
+    ghost = "ghost-orchestrator"
+    assert await saga_log.claim(orchestrator.log, saga_id, [saga.name], ghost, 30) is not None
+    entry = {"request_id": f"saga:{saga_id}:action/0", "shard": None, "txid": txid, "tx": None}
+    await saga_log.write(
+        orchestrator.log, saga_id, ghost, 0.0,
+        pending="action/0", transactions={"action/0": entry},
+    )  # fmt: skip
+
+    async def resumed() -> bool:
+        return await orchestrator.run(saga_id) is not None
+
+    await eventually(resumed, 10, "the saga to be resumed")
+    outcome = await orchestrator.get(saga_id)
+    assert outcome is not None and outcome.state == "completed", outcome
+    applied = await orders.fetchval(
+        "SELECT count(*) FROM adv_saga_effects WHERE saga_id = $1", saga_id
+    )
+    assert applied == 1, "the step was taken as applied without running"
+
+
+def _sagas_command(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    saga_view.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["sagas", *argv])
+    return args.func(args)
+
+
+async def _noop(tx: Transaction, data: dict[str, Any]) -> None:
+    return None
+
+
+async def test_the_sagas_command_prints_no_terminal_control_sequences(
+    sidecar: SidecarProcess, saga_dbs: dict[str, asyncpg.Connection], capsys: Any
+) -> None:
+    # Ids, names, step names, owners and errors are whatever the services chose: an
+    # escape sequence in any of them would retitle, clear or rewrite the operator's screen.
+    marker = uuid.uuid4().hex[:8]
+    saga_id = f"adv-{marker}\x1b]0;owned\x07\x1b[2J"
+    name = f"adv_ansi_{marker}\x1b[31m"
+    step = "first\rFAKE LINE\x1b[0m\u202e"
+    began = Saga(name, [Step(step, _noop)])
+    await Orchestrator([began]).begin(began, {}, saga_id=saga_id)
+    # The code changed: its run leaves the saga as is, with a last_error naming the steps,
+    # and holds its lease under a hostile owner name.
+    changed = Saga(name, [Step(step + "2", _noop)])
+    taker = Orchestrator([changed], owner="pod\x1b[8m", lease=0.5)
+    assert await taker.run(saga_id) is None
+    code = await asyncio.to_thread(_sagas_command, "--database", "orders", "--url", sidecar.url)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (line,) = [line for line in out.splitlines() if marker in line]
+    assert not any(c in line for c in "\x1b\x07\r\u202e"), repr(line)
+    assert "\\x1b]0;owned\\x07" in line and "not resumed" in line, line
+    # The original code finishes it, so it does not stay in the log's unfinished list.
+
+    async def finished() -> bool:
+        return await Orchestrator([began]).run(saga_id) is not None
+
+    await eventually(finished, 10, "the original code to finish the saga")
