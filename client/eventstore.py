@@ -75,6 +75,8 @@ class AppendResult:
     versions: list[int]
     positions: list[int]
     recorded_at: list[dt.datetime]
+    # The shard the stream lives on ("" on a database without shards).
+    shard: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,7 @@ class EventStore:
             data,
             metadata,
             result.recorded_at[0],
+            result.shard,
         )
 
     @classmethod
@@ -183,6 +186,7 @@ class EventStore:
             versions,
             [r["position"] for r in rows],
             [r["recorded_at"] for r in rows],
+            rows.served_by[0].shard or "",
         )
 
     @classmethod

@@ -57,6 +57,7 @@ async def test_appends_read_back_in_version_order(primary) -> None:
         (2, "OrderShipped", None),
     ]
     assert events[2].metadata == {"by": "test"} and events[0].id == first.id
+    assert events[0] == first  # append_event answers the event as stored
     assert await Orders.get_events_for_aggregate(42, from_version=2) == events[2:]
     stored = await primary.fetch(
         "SELECT version FROM dbsidecar_events WHERE stream = $1 ORDER BY version",
@@ -199,10 +200,12 @@ async def test_streams_spread_over_shards_and_every_reader_sees_each_event_once(
     cat = category()
     start = await head("users")
     appended: set[uuid.UUID] = set()
+    told: dict[str, str] = {}
     for i in range(40):
         events = [EventData("E", {"stream": i, "n": n}) for n in range(2)]
-        await EventStore.append(f"{cat}-{i}", events, using="users")
+        result = await EventStore.append(f"{cat}-{i}", events, using="users")
         appended |= {e.id for e in events}
+        told[result.stream] = result.shard
     per_shard = {}
     for i, name in enumerate(USER_SHARDS):
         conn = await asyncpg.connect(server_dsn(topology, shard_server(topology, i), name))
@@ -215,6 +218,7 @@ async def test_streams_spread_over_shards_and_every_reader_sees_each_event_once(
     assert all(per_shard.values()), {k: len(v) for k, v in per_shard.items()}
     homes = Counter(r["stream"] for rows in per_shard.values() for r in rows)
     assert len(homes) == 40 and set(homes.values()) == {2}  # a stream is on one shard
+    assert told == {r["stream"]: shard for shard, rows in per_shard.items() for r in rows}
     seen: Counter[uuid.UUID] = Counter()
     checkpoint = start
     while True:
