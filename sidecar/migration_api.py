@@ -99,4 +99,7 @@ async def run(runtime: Runtime, versions: SchemaVersions, body: bytes) -> Migrat
     for shard in report.shards:
         if shard.message:
             shard.message = logs.redact(shard.message)
+        # The same errors, as the bookkeeping table keeps them.
+        for dirty in shard.dirty:
+            dirty.error = logs.redact(dirty.error)
     return report

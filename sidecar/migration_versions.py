@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import logs
-from .migration_table import TABLE
+from .migration_table import TABLE, lock_holder
 from .runtime import Runtime
 from .topology import Database, Node, Shard
 
@@ -74,10 +74,17 @@ class SchemaVersions:
             async with asyncio.timeout(READ_TIMEOUT), node.pool.acquire() as conn:
                 if await conn.fetchval("SELECT to_regclass($1)", TABLE) is None:
                     return ShardVersion(None, [], time.time())
+                # A no-transaction migration is dirty while it runs (so a crash leaves it
+                # dirty): while a migrator holds the shard's lock, such a row is running,
+                # not failed, and readiness must not refuse every pod for the hours a
+                # CREATE INDEX CONCURRENTLY may take.
+                running = await lock_holder(conn) is not None
                 row = await conn.fetchrow(
                     f"SELECT max(version) FILTER (WHERE state = 'applied') AS version, "
                     f"coalesce(array_agg(version ORDER BY version) FILTER "
-                    f"(WHERE state = 'dirty'), '{{}}') AS dirty FROM {TABLE}"
+                    f"(WHERE state = 'dirty' AND (transactional OR NOT $1)), '{{}}') AS dirty "
+                    f"FROM {TABLE}",
+                    running,
                 )
         except Exception as exc:
             # A shard that cannot be read keeps its last reading, marked with the error.

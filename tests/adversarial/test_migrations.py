@@ -27,7 +27,7 @@ from sidecar.migration_table import LOCK_KEY
 from wire.migrations import MigrationFile
 
 from ..harness import SidecarProcess, eventually, http_get
-from ..test_migrations import COUNTER, ShardSet, shards
+from ..test_migrations import CONCURRENT_INDEX, COUNTER, WIDGETS, ShardSet, shards
 
 __all__ = ["shards"]  # the fixture, used by the tests below
 
@@ -45,7 +45,11 @@ def targets(set_: ShardSet) -> list[Target]:
 
 
 def files(*sqls: str) -> list[Any]:
-    return checked([MigrationFile(i, f"m{i}", sql) for i, sql in enumerate(sqls, 1)])
+    return files_from(1, *sqls)
+
+
+def files_from(first: int, *sqls: str) -> list[Any]:
+    return checked([MigrationFile(i, f"m{i}", sql) for i, sql in enumerate(sqls, first)])
 
 
 async def test_a_no_transaction_file_that_leaves_begin_open_is_not_reported_applied(
@@ -183,3 +187,107 @@ async def test_concurrent_migrate_calls_do_not_open_connections_without_bound(
     assert all(status == 200 and not a["ok"] for status, a in answers), answers
     assert all("migration lock" in a["shards"][0]["message"] for _, a in answers)
     assert 0 < most <= len(shards.names), f"{most} migrator connections at once"
+
+
+@pytest.fixture
+async def ready_sidecar(shards: ShardSet, tmp_path: Path) -> AsyncIterator[SidecarProcess]:
+    """An unsharded database on shard 0 whose readiness requires consistent versions,
+    read every 0.1 s."""
+    plain = shards.database()["shards"][0]["primary"]
+    migrations = {"require_consistent": True, "version_interval": 0.1}
+    config = {
+        "listen": {"host": HOST, "port": free_port()},
+        "ops": {"host": HOST, "port": free_port()},
+        "auth_token": TOKEN,
+        "databases": {"advone": {"primary": plain, "migrations": migrations}},
+    }
+    proc = SidecarProcess(config, tmp_path, "advone")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+
+
+def _schema(sidecar: SidecarProcess) -> dict[str, Any]:
+    status, body = http_get(sidecar.ops + "/healthz")
+    assert status == 200
+    (reading,) = json.loads(body)["databases"]["advone"]["schema"]["shards"].values()
+    return reading
+
+
+async def test_a_running_no_transaction_migration_is_not_a_failed_one_for_readiness(
+    ready_sidecar: SidecarProcess, shards: ShardSet
+) -> None:
+    # A no-transaction file is recorded dirty while it runs (so a crash leaves it dirty).
+    # A CREATE INDEX CONCURRENTLY that takes hours must not pull every pod out of its
+    # Service for that long: readiness refuses failed migrations, not running ones.
+    target = targets(shards)[:1]
+    first = await migrate("advone", target, files(COUNTER, WIDGETS), lock_timeout=5)
+    assert first.ok, first
+    blocker = await asyncpg.connect(shards.dsn(0))
+    running = None
+    try:
+        blocker_tx = blocker.transaction()
+        await blocker_tx.start()
+        await blocker.execute("INSERT INTO widgets VALUES (1, 'a')")
+        migrations = files(COUNTER, WIDGETS, CONCURRENT_INDEX)
+        running = asyncio.create_task(migrate("advone", target, migrations, lock_timeout=5))
+
+        async def index_waiting() -> bool:
+            rows = await shards.fetch(
+                0,
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'CREATE INDEX CONCURRENTLY%'",
+            )
+            return rows[0]["n"] == 1
+
+        await eventually(index_waiting, 30, "CREATE INDEX CONCURRENTLY to wait")
+        since = time.time()
+
+        async def read_since() -> bool:
+            return _schema(ready_sidecar)["checked_at"] > since + 0.05
+
+        await eventually(read_since, 30, "the sidecar to read the version again")
+        status, body = http_get(ready_sidecar.ops + "/readyz")
+        assert status == 200, body
+        await blocker_tx.commit()
+        report = await running
+    finally:
+        if running is not None and not running.done():
+            running.cancel()
+        await blocker.close()
+    assert report.ok, report
+
+    async def at_three() -> bool:
+        reading = _schema(ready_sidecar)
+        return reading["version"] == 3 and reading["dirty"] == []
+
+    await eventually(at_three, 30, "the sidecar to read version 3")
+    assert http_get(ready_sidecar.ops + "/readyz")[0] == 200
+    # A no-transaction migration that failed is still refused.
+    broken = NO_TX + "CREATE INDEX CONCURRENTLY nowhere_x ON nowhere (x);\n"
+    failed = await migrate("advone", target, [*migrations, *files_from(4, broken)], lock_timeout=5)
+    assert not failed.ok
+
+    async def refused() -> bool:
+        return http_get(ready_sidecar.ops + "/readyz")[0] == 503
+
+    await eventually(refused, 30, "readiness to refuse the failed migration")
+
+
+async def test_no_configured_password_in_a_migrate_answer(
+    mig_sidecar: SidecarProcess, shards: ShardSet
+) -> None:
+    # PostgreSQL quotes what a failing statement holds (syntax errors, RAISE, a key's
+    # value): a secret in it is masked in the message, and in the dirty list as well.
+    password = shards.topo.password
+    leaky = f"DO $$ BEGIN RAISE EXCEPTION 'no role with password %', '{password}'; END $$;\n"
+    async with aiohttp.ClientSession() as session:
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        async with session.post(
+            mig_sidecar.url + "/v1/migrate", data=_body(leaky), headers=headers
+        ) as resp:
+            status, text = resp.status, await resp.text()
+    assert status == 200 and "no role with password" in text, text
+    assert password not in text
