@@ -185,6 +185,18 @@ def _plain(doc: Any) -> Any:
     return msgspec.json.decode(msgspec.json.encode(doc))
 
 
+# Characters of an error kept in the log: a step's exception may carry a payload larger
+# than a request body may be, and a log write refused for it would stop the saga from
+# ever compensating (each resume failing the same way).
+MAX_ERROR_CHARS = 4000
+
+
+def _clip(error: str) -> str:
+    if len(error) <= MAX_ERROR_CHARS:
+        return error
+    return f"{error[:MAX_ERROR_CHARS]}... ({len(error) - MAX_ERROR_CHARS} more characters)"
+
+
 def _key(phase: Phase, step: int) -> str:
     return f"{phase}/{step}"
 
@@ -430,7 +442,8 @@ class Orchestrator:
                 await self._event(f"{phase}.unknown", run.id, index)
                 if await self._settle(run, key, entry, orphan=False) == "aborted":
                     await self._event(f"{phase}.failed", run.id, index)
-                    return _Failed(f"the commit failed and rolled back: {exc}", retryable=True)
+                    error = _clip(f"the commit failed and rolled back: {exc}")
+                    return _Failed(error, retryable=True)
             await self._event(f"{phase}.committed", run.id, index)
             return _Applied(output)
         finally:
@@ -499,7 +512,7 @@ class Orchestrator:
         retryable = isinstance(exc, DbSidecarError) and (
             exc.retryable or exc.code == ErrorCode.UNKNOWN_TRANSACTION
         )
-        return _Failed(f"{type(exc).__name__}: {exc}", retryable=retryable)
+        return _Failed(_clip(f"{type(exc).__name__}: {exc}"), retryable=retryable)
 
     async def _settle(self, run: _Run, key: str, entry: dict[str, Any], orphan: bool) -> XactStatus:
         """Whether a step's transaction committed, from PostgreSQL, waiting while it is in

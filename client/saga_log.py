@@ -26,7 +26,7 @@ from wire.protocol import ALL_SHARDS, Raw, Route
 from wire.values import Json, encode_value
 
 from .connection import DatabaseHandle
-from .errors import UniqueViolation
+from .errors import DbSidecarError, UniqueViolation
 from .results import Rows, decode
 from .transactions import Transaction
 
@@ -336,12 +336,21 @@ async def ledger_output(
 
 async def xact_status(db: DatabaseHandle, txid: str, shard: str | int | None) -> XactStatus | None:
     """PostgreSQL's word on a transaction: committed, aborted or in progress; None when it
-    is too old for the commit log to say (it is certainly over then)."""
-    rows = await _raw(
-        db,
-        "SELECT pg_xact_status($1::text::xid8) AS status",
-        txid,
-        writes=False,
-        shard=shard,
-    )
+    is too old for the commit log to say (it is certainly over then), or not assigned yet
+    on this server: after a failover to an asynchronous replica the log may name a
+    transaction of the old primary's that the new one never saw (pg_xact_status raises
+    "in the future" for it). The ledger decides then."""
+    try:
+        rows = await _raw(
+            db,
+            "SELECT pg_xact_status($1::text::xid8) AS status",
+            txid,
+            writes=False,
+            shard=shard,
+        )
+    except DbSidecarError as exc:
+        # invalid_parameter_value: for a well-formed xid8, only "in the future".
+        if exc.sqlstate == "22023":
+            return None
+        raise
     return rows[0]["status"]

@@ -55,20 +55,11 @@ async def test_a_committed_txid_without_its_ledger_row_does_not_skip_the_step(
     await orders.execute(EFFECTS)
     saga = Saga("adv_reused_xid", [Step("only", _effect, database="orders")])
     orchestrator = Orchestrator([saga], **FAST)
-    saga_id = f"adv-{uuid.uuid4().hex[:10]}"
-    await orchestrator.begin(saga, {"id": saga_id}, saga_id=saga_id)
     # Another transaction, committed, on the step's database: it now holds that xid8.
     async with orders.transaction():
         txid = await orders.fetchval("SELECT pg_current_xact_id()::text")
         await orders.execute("SELECT 1")
-    # A crashed orchestrator left the step pending with that txid (its lease ran out).
-    ghost = "ghost-orchestrator"
-    assert await saga_log.claim(orchestrator.log, saga_id, [saga.name], ghost, 30) is not None
-    entry = {"request_id": f"saga:{saga_id}:action/0", "shard": None, "txid": txid, "tx": None}
-    await saga_log.write(
-        orchestrator.log, saga_id, ghost, 0.0,
-        pending="action/0", transactions={"action/0": entry},
-    )  # fmt: skip
+    saga_id = await _pending_with_txid(orchestrator, saga, txid)
 
     async def resumed() -> bool:
         return await orchestrator.run(saga_id) is not None
@@ -121,3 +112,82 @@ async def test_the_sagas_command_prints_no_terminal_control_sequences(
         return await Orchestrator([began]).run(saga_id) is not None
 
     await eventually(finished, 10, "the original code to finish the saga")
+
+
+async def _pending_with_txid(orchestrator: Orchestrator, saga: Saga, txid: str) -> str:
+    """A saga a crashed orchestrator left mid-step 0 with ``txid`` as its transaction."""
+    saga_id = f"adv-{uuid.uuid4().hex[:10]}"
+    await orchestrator.begin(saga, {"id": saga_id}, saga_id=saga_id)
+    ghost = "ghost-orchestrator"
+    assert await saga_log.claim(orchestrator.log, saga_id, [saga.name], ghost, 30) is not None
+    entry = {"request_id": f"saga:{saga_id}:action/0", "shard": None, "txid": txid, "tx": None}
+    await saga_log.write(
+        orchestrator.log, saga_id, ghost, 0.0,
+        pending="action/0", transactions={"action/0": entry},
+    )  # fmt: skip
+    return saga_id
+
+
+async def test_a_txid_from_the_future_is_settled_not_raised(
+    saga_dbs: dict[str, asyncpg.Connection],
+) -> None:
+    """After a failover to an asynchronous replica, the log may name a transaction the new
+    primary has not reached yet: pg_xact_status raises "transaction ID is in the future",
+    and every resume failed on it. Such a transaction never happened there."""
+    orders = saga_dbs["orders"]
+    await orders.execute(EFFECTS)
+    saga = Saga("adv_future_xid", [Step("only", _effect, database="orders")])
+    orchestrator = Orchestrator([saga], **FAST)
+    now = int(await orders.fetchval("SELECT pg_current_xact_id()::text"))
+    saga_id = await _pending_with_txid(orchestrator, saga, str(now + 1_000_000))
+
+    async def resumed() -> bool:
+        return await orchestrator.run(saga_id) is not None
+
+    await eventually(resumed, 10, "the saga to be resumed")
+    outcome = await orchestrator.get(saga_id)
+    assert outcome is not None and outcome.state == "completed", outcome
+    applied = await orders.fetchval(
+        "SELECT count(*) FROM adv_saga_effects WHERE saga_id = $1", saga_id
+    )
+    assert applied == 1
+
+
+async def _undo(tx: Transaction, data: dict[str, Any]) -> None:
+    await tx.run(
+        Raw(
+            database=tx.database,
+            sql="INSERT INTO adv_saga_effects VALUES ($1, 'undone')",
+            params=[data["id"]],
+            writes=True,
+        )
+    )
+
+
+async def _fails_loudly(tx: Transaction, data: dict[str, Any]) -> None:
+    # An exception carrying a large payload (a response body, a dump of the data): more
+    # than the sidecar takes in one request body.
+    raise RuntimeError("declined: " + "x" * (9 * 1024 * 1024))
+
+
+async def test_a_step_failing_with_a_huge_message_is_still_compensated(
+    saga_dbs: dict[str, asyncpg.Connection],
+) -> None:
+    orders = saga_dbs["orders"]
+    await orders.execute(EFFECTS)
+    saga = Saga(
+        "adv_huge_error",
+        [
+            Step("effect", _effect, compensation=_undo, database="orders"),
+            Step("loud", _fails_loudly, database="orders"),
+        ],
+    )
+    orchestrator = Orchestrator([saga], **FAST)
+    saga_id = f"adv-{uuid.uuid4().hex[:10]}"
+    outcome = await orchestrator.start(saga, {"id": saga_id}, saga_id=saga_id)
+    assert outcome is not None and outcome.state == "compensated", outcome
+    assert outcome.error is not None and outcome.error.startswith("step loud: RuntimeError")
+    rows = await orders.fetch(
+        "SELECT step FROM adv_saga_effects WHERE saga_id = $1 ORDER BY step", saga_id
+    )
+    assert [r["step"] for r in rows] == ["only", "undone"]
