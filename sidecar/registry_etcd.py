@@ -1,5 +1,5 @@
-"""etcd as a configuration source: a key holding the document, read once and then
-watched (never polled).
+"""etcd as a configuration source: a key holding the document, and the keys Patroni keeps
+for the clusters databases follow, each read once and then watched (never polled).
 
 Revisions: a read gives the store's revision, and the watch starts right after it, so no
 change between the two is missed. After a lost connection the watch resumes after the
@@ -27,9 +27,10 @@ import aetcd
 import aetcd.rpc
 import grpc
 
-from . import logs
+from . import logs, patroni
 from .registry import OnCatalog, OnDocument
 from .settings import ConfigError, EtcdSettings
+from .topology import CatalogNode
 
 log = logging.getLogger("dbsidecar.registry")
 
@@ -115,6 +116,17 @@ class _Client(aetcd.Client):
         self._connected.set()
 
 
+def _range_end(prefix: bytes) -> bytes:
+    """The end of the key range holding every key that starts with ``prefix``."""
+    end = bytearray(prefix)
+    while end and end[-1] == 0xFF:
+        end.pop()
+    if not end:
+        return b"\0"  # every key
+    end[-1] += 1
+    return bytes(end)
+
+
 class EtcdRegistry:
     source = "etcd"
 
@@ -133,6 +145,7 @@ class EtcdRegistry:
         self.up: bool | None = None
         self.document_seen = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._clusters_seen: dict[str, asyncio.Event] = {}
 
     def start(self) -> None:
         key = self.key.encode()
@@ -141,11 +154,43 @@ class EtcdRegistry:
         )
 
     def watch_services(self, names: set[str]) -> None:
-        """etcd holds no Consul catalog: the settings refuse a database ``service`` under
-        ``registry.etcd``, so there is never a name to watch."""
+        """Follow exactly these Patroni clusters, named by key prefix (the settings refuse
+        Consul services under ``registry.etcd``)."""
+        for name in names - self._clusters_seen.keys():
+            self._clusters_seen[name] = asyncio.Event()
+            self._tasks[name] = asyncio.create_task(
+                self._follow(name.encode(), _range_end(name.encode()), self._cluster(name)),
+                name=f"etcd patroni {name}",
+            )
+        for name in list(self._clusters_seen.keys() - names):
+            self._tasks.pop(name).cancel()
+            del self._clusters_seen[name]
 
     async def services_seen(self, within: float) -> bool:
+        events = [e.wait() for e in self._clusters_seen.values()]
+        if not events:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.gather(*events), within)
+        except TimeoutError:
+            return False
         return True
+
+    def _cluster(self, name: str) -> OnKeys:
+        seen = self._clusters_seen[name]
+        reported: list[CatalogNode] | None = None
+
+        async def on_keys(keys: dict[bytes, bytes]) -> None:
+            nonlocal reported
+            found = patroni.members(name.encode(), keys)
+            # Members rewrite their keys every loop_wait (positions); only a change of
+            # members, addresses or leader is news.
+            if found != reported:
+                reported = found
+                await self.on_catalog(name, found)
+            seen.set()
+
+        return on_keys
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())

@@ -2,9 +2,10 @@
 
 Sources, later winning: the file, ``DBSIDECAR_*`` environment variables, the registry's
 document (a Consul KV key or an etcd key); plus the Consul catalog for databases that name
-a service. A reload (file change, SIGHUP, ``POST /v1/admin/reload``, a registry change)
-composes them and validates the result before anything changes: an invalid, unparsable,
-empty or deleted document is refused, the last good configuration keeps serving, and the
+a service, and Patroni's keys in etcd for databases that follow a Patroni cluster. A
+reload (file change, SIGHUP, ``POST /v1/admin/reload``, a registry change) composes them
+and validates the result before anything changes: an invalid, unparsable, empty or
+deleted document is refused, the last good configuration keeps serving, and the
 error is kept for /healthz, /v1/topology and ``dbsidecar_config_reloads_total``.
 
 Applying builds the new routing table completely first (pools for new nodes, their
@@ -63,11 +64,14 @@ _RESTART_ONLY = ("listen", "ops", "registry")
 
 
 def _services(settings: Settings) -> set[str]:
+    """The catalogs to watch: Consul services, Patroni clusters (by key prefix)."""
     names = set()
     for db in settings.databases.values():
-        if db.service is not None:
-            names.add(db.service.name)
-        names |= {s.service.name for s in db.shards if s.service is not None}
+        for holder in (db, *db.shards):
+            if holder.service is not None:
+                names.add(holder.service.name)
+            if holder.patroni is not None:
+                names.add(holder.patroni.prefix)
     return names
 
 
@@ -220,8 +224,10 @@ class ConfigManager:
         source = self.registry.source
         try:
             if raw is None or not raw.strip():
-                if self.registry_doc is None and self.state is None:
-                    return  # no document at all yet: file and env are the configuration
+                if self.registry_doc is None:
+                    # No registry document was ever taken (a registry used for its
+                    # catalog only): file and env are the configuration, nothing is lost.
+                    return
                 raise ConfigError(f"{self.bootstrap.registry.key}: the key is missing or empty")
             text = raw.decode("utf-8", errors="replace")
             doc = parse_document(text, f"{source} key {self.bootstrap.registry.key}")

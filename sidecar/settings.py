@@ -122,11 +122,29 @@ class ServiceSettings(_Section):
     primary_tags: list[str] = msgspec.field(default_factory=lambda: ["primary", "master"])
 
 
+class PatroniSettings(_Section):
+    """Nodes from a Patroni cluster: its members and leader, from the keys it keeps in
+    the registry's etcd (Patroni's ``etcd3`` DCS)."""
+
+    # Patroni's scope (the cluster's name) and namespace.
+    scope: str
+    namespace: str = "/service"
+    # What every member connects to: database, user, password_env, ... (host and port
+    # come from the member's conn_url).
+    node: NodeSettings = msgspec.field(default_factory=NodeSettings)
+
+    @property
+    def prefix(self) -> str:
+        """The etcd key prefix of the cluster (the catalog's name for its members)."""
+        return f"{self.namespace.rstrip('/')}/{self.scope}/"
+
+
 class ShardSettings(_Section):
     name: str
     primary: NodeSettings | None = None
     replicas: list[NodeSettings] = []
     service: ServiceSettings | None = None
+    patroni: PatroniSettings | None = None
 
 
 class MigrationSettings(_Section):
@@ -150,6 +168,7 @@ class DatabaseSettings(_Section):
     primary: NodeSettings | None = None
     replicas: list[NodeSettings] = []
     service: ServiceSettings | None = None
+    patroni: PatroniSettings | None = None
     read_default: Literal["primary", "replica"] = "primary"
     replica_strategy: Literal["round_robin", "random", "least_busy"] = "round_robin"
     max_replica_lag_bytes: int | None = None
@@ -372,16 +391,25 @@ def _check(settings: Settings) -> None:
             db.service is not None or any(s.service is not None for s in db.shards)
         ):
             raise ConfigError(f"{where}: nodes from a Consul service need registry.consul")
+        if settings.registry.etcd is None and (
+            db.patroni is not None or any(s.patroni is not None for s in db.shards)
+        ):
+            raise ConfigError(f"{where}: a Patroni cluster's keys are read from registry.etcd")
         if db.sharding is None:
             if db.shards:
                 raise ConfigError(f"{where}.shards: shards need a 'sharding' section")
-            _check_nodes(where, db.primary, db.replicas, db.service, "a database")
+            _check_nodes(where, db.primary, db.replicas, db.service, db.patroni, "a database")
             continue
-        if db.primary is not None or db.replicas or db.service is not None:
+        if db.primary is not None or db.replicas or db.service is not None or db.patroni:
             raise ConfigError(f"{where}: a sharded database lists its nodes under 'shards'")
         for i, shard in enumerate(db.shards):
             _check_nodes(
-                f"{where}.shards[{i}]", shard.primary, shard.replicas, shard.service, "a shard"
+                f"{where}.shards[{i}]",
+                shard.primary,
+                shard.replicas,
+                shard.service,
+                shard.patroni,
+                "a shard",
             )
         if not db.shards:
             raise ConfigError(f"{where}.shards: a sharded database needs at least one shard")
@@ -422,12 +450,20 @@ def _check_nodes(
     primary: NodeSettings | None,
     replicas: list[NodeSettings],
     service: ServiceSettings | None,
+    patroni: PatroniSettings | None,
     what: str,
 ) -> None:
-    if service is not None and (primary is not None or replicas):
-        raise ConfigError(f"{where}: give either a service or primary/replicas, not both")
-    if service is None and primary is None:
-        raise ConfigError(f"{where}.primary: {what} needs a primary (or a Consul service)")
+    if service is not None and patroni is not None:
+        raise ConfigError(f"{where}: give either a service or a patroni section, not both")
+    discovery = service or patroni
+    if discovery is not None and (primary is not None or replicas):
+        raise ConfigError(
+            f"{where}: give either a service or patroni section or primary/replicas, not both"
+        )
+    if discovery is None and primary is None:
+        raise ConfigError(
+            f"{where}.primary: {what} needs a primary (or a Consul service, or a Patroni cluster)"
+        )
     names = [n.label(where) for n in ([primary] if primary else []) + replicas]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: two nodes have the same name; give them distinct 'name's")

@@ -18,7 +18,14 @@ import asyncpg
 import msgspec
 
 from .pools import create_pool
-from .settings import DatabaseSettings, NodeSettings, PoolSettings, ServiceSettings, Settings
+from .settings import (
+    DatabaseSettings,
+    NodeSettings,
+    PatroniSettings,
+    PoolSettings,
+    ServiceSettings,
+    Settings,
+)
 from .sharding import ShardFunction
 
 Role = Literal["primary", "replica"]
@@ -165,7 +172,8 @@ class Topology:
 
 @dataclass(frozen=True)
 class CatalogNode:
-    """One passing instance of a Consul service."""
+    """One passing instance of a Consul service, or one member of a Patroni cluster
+    (tagged ``primary`` for the leader, ``replica`` otherwise)."""
 
     id: str
     address: str
@@ -173,7 +181,8 @@ class CatalogNode:
     tags: tuple[str, ...] = ()
 
 
-# Service name -> its passing instances, as the registry last reported them.
+# Catalog name (a Consul service, a Patroni cluster's key prefix) -> its nodes, as the
+# registry last reported them.
 Catalog = Mapping[str, Sequence[CatalogNode]]
 
 
@@ -192,31 +201,37 @@ class _Builder:
 
     def node(
         self, settings: NodeSettings, database: str, role: Role, logical: str, shard: str,
-        pool: PoolSettings,
+        pool: PoolSettings, discovered: bool = False,
     ) -> Node:  # fmt: skip
+        # A discovered node's role is the registry's opinion of the moment, and it flips at
+        # every failover; the server is the same, so its pool, its probe's view and its
+        # fencing stay (a new Node would forget that it was fenced).
         identity = (
-            logical, shard, role, database,
+            logical, shard, None if discovered else role, database,
             msgspec.json.encode(settings), msgspec.json.encode(pool),
         )  # fmt: skip
         found = self.reuse.get(identity)
         if found is not None:
+            found.configured_role = role
             return found
         return Node(settings.label(database), settings, database, role, logical, shard, identity)
 
     def shard(
         self, name: str | None, index: int, database: str, logical: str, pool: PoolSettings,
-        primary: NodeSettings | None, replicas: list[NodeSettings], service: ServiceSettings | None,
+        primary: NodeSettings | None, replicas: list[NodeSettings],
+        discovery: ServiceSettings | PatroniSettings | None,
     ) -> Shard:  # fmt: skip
-        if service is not None:
-            primary, replicas = self._discovered(service)
+        discovered = discovery is not None
+        if discovery is not None:
+            primary, replicas = self._discovered(discovery)
         label = name or ""
         shard = Shard(
             name,
             index,
             None
             if primary is None
-            else self.node(primary, database, "primary", logical, label, pool),
-            [self.node(r, database, "replica", logical, label, pool) for r in replicas],
+            else self.node(primary, database, "primary", logical, label, pool, discovered),
+            [self.node(r, database, "replica", logical, label, pool, discovered) for r in replicas],
         )
         old = self.history.get((logical, name))
         if old is not None:
@@ -226,18 +241,22 @@ class _Builder:
         return shard
 
     def _discovered(
-        self, service: ServiceSettings
+        self, discovery: ServiceSettings | PatroniSettings
     ) -> tuple[NodeSettings | None, list[NodeSettings]]:
+        if isinstance(discovery, ServiceSettings):
+            catalog, label, primary_tags = discovery.name, discovery.name, discovery.primary_tags
+        else:
+            catalog, label, primary_tags = discovery.prefix, discovery.scope, ["primary"]
         primary: NodeSettings | None = None
         replicas: list[NodeSettings] = []
-        for instance in sorted(self.catalog.get(service.name, ()), key=lambda i: i.id):
+        for instance in sorted(self.catalog.get(catalog, ()), key=lambda i: i.id):
             node = msgspec.structs.replace(
-                service.node,
-                name=f"{service.name}/{instance.id}",
+                discovery.node,
+                name=f"{label}/{instance.id}",
                 host=instance.address,
                 port=instance.port,
             )
-            if primary is None and set(instance.tags) & set(service.primary_tags):
+            if primary is None and set(instance.tags) & set(primary_tags):
                 primary = node
             else:
                 # Untagged instances serve reads until their probe says otherwise.
@@ -255,12 +274,14 @@ def build(
     for name, cfg in settings.databases.items():
         if cfg.sharding is None:
             shard = builder.shard(
-                None, 0, name, name, cfg.pool, cfg.primary, cfg.replicas, cfg.service
+                None, 0, name, name, cfg.pool, cfg.primary, cfg.replicas, cfg.service or cfg.patroni
             )
             databases[name] = Database(name, cfg, [shard])
             continue
         shards = [
-            builder.shard(s.name, i, s.name, name, cfg.pool, s.primary, s.replicas, s.service)
+            builder.shard(
+                s.name, i, s.name, name, cfg.pool, s.primary, s.replicas, s.service or s.patroni
+            )
             for i, s in enumerate(cfg.shards)
         ]
         db = Database(name, cfg, shards, ShardFunction(cfg.sharding, [s.name for s in cfg.shards]))
