@@ -422,9 +422,17 @@ class Orchestrator:
                 output = await self._apply(run, phase, index, tx, entry, function)
             except BaseException as exc:
                 await self._quiet_rollback(tx)
-                if isinstance(exc, LeaseLost | asyncio.CancelledError):
+                if isinstance(exc, LeaseLost):
                     raise
-                if not isinstance(exc, Exception):
+                if isinstance(exc, asyncio.CancelledError):
+                    # Only a cancellation of this task stops the orchestrator. One the step
+                    # raised by itself (it awaited a future cancelled elsewhere) is the
+                    # step's failure: raised on, it would end resume() and serve() on
+                    # every pod that picks the saga up.
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():
+                        raise
+                elif not isinstance(exc, Exception):
                     raise
                 failure = self._failure(run, step, exc)
                 log.warning("saga %s: %s %s failed: %s", run.id, phase, step.name, failure.error)
@@ -502,7 +510,7 @@ class Orchestrator:
                 entry["shard"] = step.shard(run.data) if callable(step.shard) else step.shard
         return entry
 
-    def _failure(self, run: _Run, step: Step, exc: Exception) -> _Failed:
+    def _failure(self, run: _Run, step: Step, exc: BaseException) -> _Failed:
         if isinstance(exc, _DeadlinePassed):
             return _Failed("the saga's deadline passed during the step", retryable=False)
         if isinstance(exc, TimeoutError):

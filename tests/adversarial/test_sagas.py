@@ -191,3 +191,39 @@ async def test_a_step_failing_with_a_huge_message_is_still_compensated(
         "SELECT step FROM adv_saga_effects WHERE saga_id = $1 ORDER BY step", saga_id
     )
     assert [r["step"] for r in rows] == ["only", "undone"]
+
+
+async def _raises_cancelled(tx: Transaction, data: dict[str, Any]) -> None:
+    # A step awaiting a future someone else cancelled: CancelledError reaches the saga,
+    # though nobody cancelled the orchestrator.
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.cancel()
+    await future
+
+
+async def test_a_step_raising_cancelled_error_does_not_stop_resuming(
+    saga_dbs: dict[str, asyncpg.Connection],
+) -> None:
+    orders = saga_dbs["orders"]
+    await orders.execute(EFFECTS)
+    saga = Saga(
+        "adv_cancelled_step",
+        [
+            Step("effect", _effect, compensation=_undo, database="orders"),
+            Step("cancelled", _raises_cancelled, database="orders"),
+        ],
+    )
+    orchestrator = Orchestrator([saga], **FAST)
+    saga_id = f"adv-{uuid.uuid4().hex[:10]}"
+    await orchestrator.begin(saga, {"id": saga_id}, saga_id=saga_id)
+    # resume() is what serve() runs in a loop: a saga's step must not end that loop (the
+    # saga would then stop every pod's serve() in turn, a poison pill).
+    resuming = asyncio.create_task(orchestrator.resume())
+    await asyncio.wait({resuming}, timeout=60)
+    assert resuming.done() and not resuming.cancelled(), "resume() died of a step's error"
+    (outcome,) = [o for o in resuming.result() if o.id == saga_id]
+    assert outcome.state == "compensated" and "CancelledError" in (outcome.error or "")
+    rows = await orders.fetch(
+        "SELECT step FROM adv_saga_effects WHERE saga_id = $1 ORDER BY step", saga_id
+    )
+    assert [r["step"] for r in rows] == ["only", "undone"]
