@@ -138,12 +138,22 @@ async def _raw(
 
 
 async def _create_table(db: DatabaseHandle, sql: str, shard: str | None = None) -> None:
-    try:
-        await _raw(db, sql, writes=True, shard=shard)
-    except UniqueViolation:
-        # Two pods installing at once: IF NOT EXISTS checks before creating, so the slower
-        # one collides in the catalog. Once the other has committed, this finds the table.
-        await _raw(db, sql, writes=True, shard=shard)
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            await _raw(db, sql, writes=True, shard=shard)
+            return
+        except DbSidecarError as exc:
+            # Pods installing at once: IF NOT EXISTS checks before creating, so a slower
+            # creator collides in the catalog, as a unique violation (pg_type's index,
+            # waited on until the other committed) or as "already exists" (42P07, the
+            # other committed between the check and the insert). Once the other has
+            # committed, the next try finds the table.
+            collided = isinstance(exc, UniqueViolation) or exc.sqlstate == "42P07"
+            if not collided or attempt == _CREATE_ATTEMPTS - 1:
+                raise
+
+
+_CREATE_ATTEMPTS = 3
 
 
 async def install_log(db: DatabaseHandle) -> None:

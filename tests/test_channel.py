@@ -12,6 +12,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -209,7 +210,7 @@ async def test_an_older_sidecar_is_spoken_to_over_http(
         assert db.transport.http_only  # remembered: no upgrade is tried again
         results = await asyncio.gather(*(db.run(number(n)) for n in range(10)))
         assert [r.rows[0][0] for r in results] == list(range(10))
-        tag = f"fallback-{id(db)}"
+        tag = f"fallback-{uuid.uuid4()}"  # id(db) repeats across parametrized runs
         await db.run(Insert(database="orders", table="kv", rows=[{"k": tag, "v": "1"}]))
         assert await primary.fetchval("SELECT v FROM kv WHERE k = $1", tag) == "1"
     finally:
