@@ -27,7 +27,9 @@ from .errors import (
     UnknownDatabase,
     ValidationError,
     WriteOutcomeUnknown,
+    WrongExpectedVersion,
 )
+from .eventstore import AppendResult, Checkpoint, EventData, EventStore, Page, RecordedEvent
 from .expressions import Avg, Count, Max, Min, Sum
 from .fields import (
     BooleanField,
@@ -50,13 +52,16 @@ from .model import ActiveRecord
 from .query import Query
 from .results import Rows
 from .saga import LeaseLost, Orchestrator, Saga, SagaOutcome, Step
+from .subscription import Subscription
 from .transactions import Transaction
 
 __all__ = [
     "ActiveRecord",
+    "AppendResult",
     "Avg",
     "BooleanField",
     "BytesField",
+    "Checkpoint",
     "ConnectionManager",
     "Count",
     "DatabaseError",
@@ -64,6 +69,8 @@ __all__ = [
     "DateField",
     "DbSidecarError",
     "DecimalField",
+    "EventData",
+    "EventStore",
     "Field",
     "FloatField",
     "ForeignKeyViolation",
@@ -76,11 +83,13 @@ __all__ = [
     "MigrationFailed",
     "Min",
     "Orchestrator",
+    "Page",
     "PartialWrite",
     "PlanError",
     "PrimaryKeyField",
     "Query",
     "RecordNotFound",
+    "RecordedEvent",
     "Rows",
     "Saga",
     "SagaOutcome",
@@ -89,6 +98,7 @@ __all__ = [
     "SplitBrain",
     "Step",
     "StringField",
+    "Subscription",
     "Sum",
     "TextField",
     "TimeField",
@@ -103,6 +113,7 @@ __all__ = [
     "UnknownDatabase",
     "ValidationError",
     "WriteOutcomeUnknown",
+    "WrongExpectedVersion",
     "ids",
     "migrate",
 ]
