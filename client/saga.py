@@ -191,6 +191,17 @@ def _plain(doc: Any) -> Any:
 MAX_ERROR_CHARS = 4000
 
 
+# Bytes of JSON a saga's data may take. Every log write carries the data whole, and the
+# sidecar takes bodies of limits.max_body_bytes at most (8 MiB by default): data that grew
+# past it would make every write after the step that grew it fail, and the saga could
+# neither go on nor compensate. A step whose output would pass this fails instead.
+MAX_DATA_BYTES = 1024 * 1024
+
+
+def _data_size(data: dict[str, Any]) -> int:
+    return len(msgspec.json.encode(data))
+
+
 def _clip(error: str) -> str:
     if len(error) <= MAX_ERROR_CHARS:
         return error
@@ -296,8 +307,11 @@ class Orchestrator:
         if self.sagas.get(saga.name) is not saga:
             raise ValueError(f"{saga!r} is not one of this orchestrator's sagas")
         saga_id = saga_id or str(uuid.uuid4())
+        data = _plain(data)
+        if (size := _data_size(data)) > MAX_DATA_BYTES:
+            raise ValueError(f"a saga's data takes at most {MAX_DATA_BYTES} bytes, not {size}")
         created = await saga_log.create(
-            self.log, saga_id, saga.name, saga.definition, _plain(data), saga.timeout,
+            self.log, saga_id, saga.name, saga.definition, data, saga.timeout,
             owner, self.lease,
         )  # fmt: skip
         if created:
@@ -494,6 +508,11 @@ class Orchestrator:
         output = _plain(output or {})
         if not isinstance(output, dict):
             raise TypeError(f"step {key} returned {type(output).__name__}, not a dict or None")
+        if (size := _data_size({**run.data, **output})) > MAX_DATA_BYTES:
+            raise ValueError(
+                f"step {key}: with its output the saga's data would take {size} bytes "
+                f"(at most {MAX_DATA_BYTES}); keep large values in a table, ids in the data"
+            )
         await saga_log.ledger_finish(tx, run.id, index, phase, output)
         return output
 

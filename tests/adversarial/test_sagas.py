@@ -227,3 +227,39 @@ async def test_a_step_raising_cancelled_error_does_not_stop_resuming(
         "SELECT step FROM adv_saga_effects WHERE saga_id = $1 ORDER BY step", saga_id
     )
     assert [r["step"] for r in rows] == ["only", "undone"]
+
+
+async def _effect_with_blob(tx: Transaction, data: dict[str, Any]) -> dict[str, Any]:
+    await _effect(tx, data)
+    return {"blob": "x" * (5 * 1024 * 1024)}
+
+
+async def _another_blob(tx: Transaction, data: dict[str, Any]) -> dict[str, Any]:
+    return {"blob2": "y" * (5 * 1024 * 1024)}
+
+
+async def test_step_outputs_too_large_for_the_log_fail_the_step_instead_of_the_saga(
+    saga_dbs: dict[str, asyncpg.Connection],
+) -> None:
+    # Each output fits a request body, the saga's data holding both does not: the second
+    # step committed, then every write of the log (and every resume) was refused with 413,
+    # so the saga could neither go on nor compensate.
+    orders = saga_dbs["orders"]
+    await orders.execute(EFFECTS)
+    saga = Saga(
+        "adv_big_outputs",
+        [
+            Step("effect", _effect_with_blob, compensation=_undo, database="orders"),
+            Step("more", _another_blob, database="orders"),
+        ],
+    )
+    orchestrator = Orchestrator([saga], **FAST)
+    saga_id = f"adv-{uuid.uuid4().hex[:10]}"
+    outcome = await orchestrator.start(saga, {"id": saga_id}, saga_id=saga_id)
+    assert outcome is not None and outcome.state == "compensated", outcome
+    assert "data" in (outcome.error or "") and "bytes" in (outcome.error or "")
+    rows = await orders.fetch(
+        "SELECT step FROM adv_saga_effects WHERE saga_id = $1 ORDER BY step", saga_id
+    )
+    # Whatever ran was undone (nothing, or the first step and its compensation).
+    assert [r["step"] for r in rows] in ([], ["only", "undone"])
