@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -30,8 +28,9 @@ from devstack.postgres import LocalTopology
 from devstack.sidecar_process import REPO
 
 from .conftest import server_dsn
-from .harness import SIDECAR_LOGS, SidecarProcess, eventually, free_port, samples, wait_until
+from .harness import SidecarProcess, eventually, free_port
 from .nats_server import NatsServer
+from .relay_process import Relay
 
 pytestmark = pytest.mark.slow
 
@@ -105,48 +104,6 @@ async def broker(tmp_path: Path) -> AsyncIterator[NatsServer]:
         yield server
     finally:
         server.stop()
-
-
-class Relay:
-    """A `dbsidecar relay` child process; its log joins the session's secret scan."""
-
-    def __init__(self, sidecar: SidecarProcess, url: str, workdir: Path) -> None:
-        self.metrics_port = free_port()
-        self.log_path = workdir / f"relay-{self.metrics_port}.log"
-        SIDECAR_LOGS.append(self.log_path)
-        argv = [sys.executable, "-m", "sidecar.cli", "relay", "--config",
-                str(sidecar.config_path), "--database", "relay", "--nats", url,
-                "--batch", str(BATCH), "--max-backoff", "0.5", "--metrics-host", "127.0.0.1",
-                "--metrics-port", str(self.metrics_port)]  # fmt: skip
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, cwd=REPO,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-        wait_until(self._serving, 30, "the relay's metrics endpoint")
-
-    @property
-    def ops(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}"
-
-    def _serving(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"relay exited: {self.log_path.read_text()[-2000:]}")
-        try:
-            return bool(samples(self.ops, "dbsidecar_relay_leader"))
-        except OSError:
-            return False
-
-    def metric(self, name: str) -> float:
-        return sum(v for _, v in samples(self.ops, name))
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(30)
 
 
 @pytest.fixture
@@ -249,7 +206,7 @@ async def test_kill_9_mid_batch_loses_nothing_and_redeliveries_are_dropped(
 
     try:
         for _ in range(10):
-            relay = Relay(relay_sidecar, broker.url, tmp_path)
+            relay = Relay(relay_sidecar, broker.url, tmp_path, "relay", BATCH)
             relays.append(relay)
             before = (await js.stream_info(STREAM)).state.messages
             await eventually(lambda b=before: mid_batch(b), 30, "a batch half published", 0.001)
@@ -263,7 +220,7 @@ async def test_kill_9_mid_batch_loses_nothing_and_redeliveries_are_dropped(
     finally:
         await nc.close()
     assert published + queued > total, "never killed mid-batch in ten tries"
-    final = Relay(relay_sidecar, broker.url, tmp_path)
+    final = Relay(relay_sidecar, broker.url, tmp_path, "relay", BATCH)
     relays.append(final)
     await eventually(lambda: _none(outbox_size(topology, relay_db)), 60, "the outbox to drain")
     assert await stream_count(broker.url) == total
@@ -278,10 +235,10 @@ async def test_a_broker_down_for_10_s_under_load_loses_nothing(
     topology: LocalTopology, relay_sidecar: SidecarProcess, relay_db: str, broker: NatsServer,
     relays: list[Relay], tmp_path: Path,
 ) -> None:  # fmt: skip
-    relay = Relay(relay_sidecar, broker.url, tmp_path)
+    relay = Relay(relay_sidecar, broker.url, tmp_path, "relay", BATCH)
     relays.append(relay)
     # A standby: it must not deliver while the first relay leads.
-    standby = Relay(relay_sidecar, broker.url, tmp_path)
+    standby = Relay(relay_sidecar, broker.url, tmp_path, "relay", BATCH)
     relays.append(standby)
     category = "down" + uuid.uuid4().hex[:6]
     written: dict[str, list[int]] = {f"{category}-{i}": [] for i in range(10)}
