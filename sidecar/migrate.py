@@ -33,7 +33,7 @@ import asyncpg
 from wire.migrations import DirtyMigration, MigrationReport, ShardReport
 
 from .migration_files import Migration
-from .migration_table import LockTimeout, Row, Table, lock, lock_holder, unlock
+from .migration_table import LockTimeout, Row, Table, holds_lock, lock, lock_holder, unlock
 
 Progress = Callable[[str], None]
 # Errors a message may quote; a secret never reaches them (asyncpg names no password).
@@ -295,6 +295,17 @@ class _Run:
                 report.applied.append(m.version)
                 report.outcome = "applied"
                 self.say(f"{name}: applied {m.label} in {time.monotonic() - began:.3f} s")
+                if not await holds_lock(conn):
+                    # The file released the session's advisory locks: another migrator
+                    # may hold the lock now, so nothing more runs here without it.
+                    self._fail(
+                        target.shard, "failed",
+                        f"{m.label} released the migration lock (pg_advisory_unlock_all() "
+                        "or DISCARD ALL in it); it is applied, and the run stopped so that "
+                        "no file runs without the lock: take that out of later files and "
+                        "run migrate again",
+                    )  # fmt: skip
+                    return False
             rows = await table.rows()
             report.version, report.dirty, report.pending = _version(rows), _dirty(rows), []
             self.say(f"{name}: at version {report.version}")

@@ -154,6 +154,19 @@ async def lock_holder(conn: asyncpg.Connection) -> int | None:
     )
 
 
+async def holds_lock(conn: asyncpg.Connection) -> bool:
+    """Whether this session still holds the migration lock (a file may have released it:
+    ``pg_advisory_unlock_all()``, ``DISCARD ALL``)."""
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND pid = pg_backend_pid() AND classid = $1 AND objid = $2 AND objsubid = 1)",
+            (LOCK_KEY >> 32) & 0xFFFFFFFF,
+            LOCK_KEY & 0xFFFFFFFF,
+        )
+    )
+
+
 async def lock(
     conn: asyncpg.Connection, wait_at_most: float, waiting: Callable[[int | None], None]
 ) -> None:

@@ -291,3 +291,20 @@ async def test_no_configured_password_in_a_migrate_answer(
             status, text = resp.status, await resp.text()
     assert status == 200 and "no role with password" in text, text
     assert password not in text
+
+
+async def test_a_file_that_releases_the_migration_lock_stops_the_run(shards: ShardSet) -> None:
+    # pg_advisory_unlock_all() (or DISCARD ALL) in a file releases the session's advisory
+    # locks, the migration lock among them: the files after it would run while another
+    # migrator may take the lock and run them too.
+    seen = "CREATE TABLE lock_seen (held bigint);\n"
+    discard = "SELECT pg_advisory_unlock_all();\n"
+    probe = (
+        "INSERT INTO lock_seen SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+        f"AND pid = pg_backend_pid() AND granted AND objid = {LOCK_KEY & 0xFFFFFFFF};\n"
+    )
+    report = await migrate("adv", targets(shards)[:1], files(seen, discard, probe), lock_timeout=5)
+    held = [r["held"] for r in await shards.fetch(0, "SELECT held FROM lock_seen")]
+    # Either the run stopped before the next file, or it held the lock while running it.
+    assert held in ([], [1]), f"version 3 ran without the migration lock: {report}"
+    assert not report.ok and "migration lock" in (report.shards[0].message or ""), report
