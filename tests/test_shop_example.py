@@ -6,6 +6,7 @@ orders, payments and the saga log."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -13,12 +14,15 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import nats
 import pytest
 
 from devstack.topology import USER_SHARDS
 
 from .conftest import server_dsn, shard_server
 from .harness import eventually
+from .nats_server import NatsServer
+from .relay_process import Relay
 from .shop_services import ServiceProcess, call
 
 pytestmark = pytest.mark.slow
@@ -85,6 +89,14 @@ def order_of(user_id: int, card: str, *items: tuple[int, int]) -> dict[str, Any]
     return {"user_id": user_id, "card": card, "items": lines}
 
 
+async def events_of(db: dict[str, asyncpg.Connection], order_id: int) -> list[str]:
+    """The order's event stream, as the event store holds it."""
+    rows = await db["orders"].fetch(
+        "SELECT type FROM dbsidecar_events WHERE stream = $1 ORDER BY version", f"order-{order_id}"
+    )
+    return [r["type"] for r in rows]
+
+
 async def stock(db: dict[str, asyncpg.Connection], product_id: int) -> int:
     return await db["inventory"].fetchval(
         "SELECT stock FROM shop_products WHERE id = $1", product_id
@@ -126,6 +138,7 @@ async def test_an_order_completes_and_composes_with_its_user(shop, db, http) -> 
         "SELECT amount, status FROM shop_payments WHERE order_id = $1", order_id
     )
     assert [(p["amount"], p["status"]) for p in payments] == [(Decimal("15.00"), "charged")]
+    assert await events_of(db, order_id) == ["OrderPaid"]
     # API composition: the user (its shard) with its orders (another database).
     status, composed = await call(http, "GET", f"{shop['users'].url}/users/{user_id}")
     assert status == 200 and composed["name"] == "Ada"
@@ -146,6 +159,7 @@ async def test_a_declined_payment_restores_stock_and_fails_the_order(shop, db, h
         "SELECT status FROM shop_orders WHERE id = $1", placed["order_id"]
     )
     assert order["status"] == "failed"
+    assert await events_of(db, placed["order_id"]) == ["OrderFailed"]
     assert (
         await db["payments"].fetchval(
             "SELECT count(*) FROM shop_payments WHERE order_id = $1", placed["order_id"]
@@ -223,4 +237,47 @@ async def test_a_crash_mid_saga_is_resumed_and_charges_once(shop, db, http) -> N
         "SELECT amount FROM shop_payments WHERE order_id = $1", order["id"]
     )
     assert [p["amount"] for p in payments] == [Decimal("12.00")]  # charged once
+    assert await events_of(db, order["id"]) == ["OrderPaid"]  # one event, one message
     assert await stock(db, product) == 3  # reserved once
+
+
+async def test_a_paid_order_is_published_to_jetstream_by_the_relay(
+    shop, sidecar, db, http, tmp_path: Path
+) -> None:
+    user_id = await new_user(http, shop)
+    product = await new_product(http, shop, "3.00", 2)
+    status, placed = await call(
+        http, "POST", shop["orders"].url + "/orders", order_of(user_id, "visa", (product, 1))
+    )
+    assert status == 201, placed
+    stream = f"order-{placed['order_id']}"
+    # The session's orders outbox may hold other tests' messages too; the relay delivers
+    # in order and never skips one the broker refuses, so the stream takes their
+    # subjects as well.
+    queued = await db["orders"].fetch(
+        "SELECT DISTINCT subject FROM dbsidecar_outbox WHERE subject NOT LIKE 'shop.%'"
+    )
+    broker = NatsServer(tmp_path)
+    broker.start()
+    relay = None
+    try:
+        nc = await nats.connect(broker.url)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(name="SHOP", subjects=["shop.>", *(r[0] for r in queued)])
+            relay = Relay(sidecar, broker.url, tmp_path, "orders")
+            sub = await js.subscribe("shop.orders", ordered_consumer=True)
+            # Other tests' paid orders may be in the stream too: find this one's.
+            while True:
+                msg = await sub.next_msg(timeout=30)
+                event = json.loads(msg.data)
+                if event["stream"] == stream:
+                    break
+            assert event["type"] == "OrderPaid" and event["data"]["total"] == "3.00"
+            assert msg.headers["Nats-Msg-Id"] == event["id"]
+        finally:
+            await nc.close()
+    finally:
+        if relay is not None:
+            relay.stop()
+        broker.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from client import (
     ActiveRecord,
     DecimalField,
+    EventStore,
     IntegerField,
     PrimaryKeyField,
     StringField,
@@ -65,3 +66,12 @@ class Payment(ActiveRecord):
     amount = DecimalField(max_digits=12, decimal_places=2)
     status = StringField()
     created_at = TimestampField(auto_now_add=True)
+
+
+class OrderEvents(EventStore):
+    """The orders' event streams (``order-<id>``). Each event is also an outbox message
+    on ``shop.orders``, committed with it; ``dbsidecar relay`` publishes it to NATS."""
+
+    __database__ = "orders"
+    __category__ = "order"
+    __publish__ = "shop.orders"

@@ -1,8 +1,9 @@
 """The order saga: reserve stock → create the order and its items → charge the payment →
-complete the order. Each step is a local transaction in its own service's database; a
-failure undoes the applied steps in reverse (stock released, order failed, charge
-refunded). The orchestrator's log and each database's step ledger make every step happen
-once, whatever crashes or retries happen around it (see :mod:`client.saga`)."""
+complete the order (and append its ``OrderPaid`` event, published through the outbox).
+Each step is a local transaction in its own service's database; a failure undoes the
+applied steps in reverse (stock released, order failed, charge refunded). The
+orchestrator's log and each database's step ledger make every step happen once, whatever
+crashes or retries happen around it (see :mod:`client.saga`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from client import Saga, Step, Transaction
 
-from .models import Order, OrderItem, Payment, Product
+from .models import Order, OrderEvents, OrderItem, Payment, Product
 
 
 class OutOfStock(Exception):
@@ -65,6 +66,7 @@ async def create_order(tx: Transaction, data: dict[str, Any]) -> dict[str, Any]:
 
 async def fail_order(tx: Transaction, data: dict[str, Any]) -> None:
     await Order.find().where(Order.id == data["order_id"]).using(tx).update(status="failed")
+    await OrderEvents.append_event(data["order_id"], "OrderFailed", {}, using=tx)
 
 
 async def charge_payment(tx: Transaction, data: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +86,10 @@ async def refund_payment(tx: Transaction, data: dict[str, Any]) -> None:
 
 async def complete_order(tx: Transaction, data: dict[str, Any]) -> None:
     await Order.find().where(Order.id == data["order_id"]).using(tx).update(status="paid")
+    # The event and its outbox message commit with the status: published exactly when
+    # the order is paid, never for an order whose transaction rolled back.
+    paid = {"user_id": data["user_id"], "total": data["total"]}
+    await OrderEvents.append_event(data["order_id"], "OrderPaid", paid, using=tx)
 
 
 ORDER_SAGA = Saga(
