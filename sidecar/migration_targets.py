@@ -25,9 +25,12 @@ _SERVER_SETTINGS = {"application_name": "dbsidecar-migrate"}
 
 
 async def _connect(kwargs: dict[str, Any], connect_timeout: float) -> asyncpg.Connection:
+    # No statement cache: a file's DISCARD ALL or DEALLOCATE ALL would drop the cached
+    # statements, and the bookkeeping write after it would fail on one that is gone.
     return await asyncpg.connect(
-        **kwargs, timeout=connect_timeout, server_settings=_SERVER_SETTINGS
-    )
+        **kwargs, timeout=connect_timeout, server_settings=_SERVER_SETTINGS,
+        statement_cache_size=0,
+    )  # fmt: skip
 
 
 def _target(

@@ -308,3 +308,20 @@ async def test_a_file_that_releases_the_migration_lock_stops_the_run(shards: Sha
     # Either the run stopped before the next file, or it held the lock while running it.
     assert held in ([], [1]), f"version 3 ran without the migration lock: {report}"
     assert not report.ok and "migration lock" in (report.shards[0].message or ""), report
+
+
+async def test_discard_all_in_a_file_is_reported_as_what_it_did(
+    mig_sidecar: SidecarProcess, shards: ShardSet
+) -> None:
+    # DISCARD ALL drops the migrator's prepared statements too: the bookkeeping write after
+    # the file failed with asyncpg's "prepared statement ... does not exist", and the
+    # finished file stayed dirty ("may be half applied").
+    seen = "CREATE TABLE lock_seen (held bigint);\n"
+    discard = NO_TX + "DISCARD ALL;\n"
+    async with aiohttp.ClientSession() as session:
+        status, answer = await _post(session, mig_sidecar.url, _body(seen, discard, seen))
+    assert status == 200 and not answer["ok"], answer
+    first = answer["shards"][0]
+    assert "released the migration lock" in first["message"], first
+    rows = await shards.bookkeeping(0)
+    assert {v: r["state"] for v, r in rows.items()} == {1: "applied", 2: "applied"}
