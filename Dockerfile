@@ -34,8 +34,9 @@ COPY devstack/ ./devstack/
 # All dependencies publish manylinux wheels for amd64 and arm64, so no compiler
 # is installed here either. If a platform ever lacks one, add build-essential
 # to this stage only; the runtime stage stays compiler-free regardless.
+# With the `relay` extra: the same image runs `dbsidecar relay` (the outbox relay).
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip wheel --wheel-dir /wheels .
+    pip wheel --wheel-dir /wheels '.[relay]'
 
 # ---------------------------------------------------------------------------
 # runtime
@@ -82,9 +83,9 @@ RUN groupadd --system --gid 65532 dbsidecar \
 # the removed packages.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-cache-dir --disable-pip-version-check --no-index \
-        --find-links=/wheels /wheels/dbsidecar-*.whl \
+        --find-links=/wheels "$(echo /wheels/dbsidecar-*.whl)[relay]" \
  && pip uninstall --yes setuptools wheel pip \
- && python -c "import sidecar.app, sidecar.reload, sidecar.cli, client" \
+ && python -c "import sidecar.app, sidecar.reload, sidecar.cli, sidecar.relay, client, nats" \
  && dbsidecar --version
 
 # No HEALTHCHECK: Kubernetes ignores it and uses the startup/liveness/readiness
