@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Sequence
 from urllib.parse import urlsplit
@@ -35,9 +36,20 @@ class _Invalid(Exception):
     """A usage or configuration problem: exit 2 with the message."""
 
 
+# Control characters but tab and newline (C0, DEL, C1) and bidirectional overrides. Errors
+# quote the files (a RAISE, the token near a syntax error), which an app may have sent:
+# printed raw they could clear, retitle or rewrite the operator's terminal. \uXXXX is
+# readable and, inside --json's strings, still JSON.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str) -> str:
+    return _UNPRINTABLE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
+
 def _say(line: str) -> None:
     # Every configured password is masked in whatever reaches the terminal.
-    print(logs.redact(line), flush=True)
+    print(_printable(logs.redact(line)), flush=True)
 
 
 def _settings(path: str | None) -> Settings:
@@ -239,10 +251,10 @@ def command(args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except _Invalid as exc:
-        print(logs.redact(f"dbsidecar migrate: {exc}"), file=sys.stderr)
+        print(_printable(logs.redact(f"dbsidecar migrate: {exc}")), file=sys.stderr)
         return INVALID
     except (OSError, LockTimeout) as exc:
-        print(logs.redact(f"dbsidecar migrate: {exc}"), file=sys.stderr)
+        print(_printable(logs.redact(f"dbsidecar migrate: {exc}")), file=sys.stderr)
         return FAILED
 
 

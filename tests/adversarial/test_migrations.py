@@ -27,7 +27,16 @@ from sidecar.migration_table import LOCK_KEY
 from wire.migrations import MigrationFile
 
 from ..harness import SidecarProcess, eventually, http_get
-from ..test_migrations import CONCURRENT_INDEX, COUNTER, WIDGETS, ShardSet, shards
+from ..test_migrations import (
+    CONCURRENT_INDEX,
+    COUNTER,
+    WIDGETS,
+    ShardSet,
+    cli,
+    shards,
+    write_config,
+    write_files,
+)
 
 __all__ = ["shards"]  # the fixture, used by the tests below
 
@@ -325,3 +334,20 @@ async def test_discard_all_in_a_file_is_reported_as_what_it_did(
     assert "released the migration lock" in first["message"], first
     rows = await shards.bookkeeping(0)
     assert {v: r["state"] for v, r in rows.items()} == {1: "applied", 2: "applied"}
+
+
+async def test_migrate_status_prints_no_terminal_control_sequences(
+    shards: ShardSet, tmp_path: Path
+) -> None:
+    # A failing file's error (PostgreSQL quotes the file: a RAISE, a token near a syntax
+    # error) is kept and printed to the operator's terminal by `migrate` and `status`.
+    hostile = "DO $$ BEGIN RAISE EXCEPTION E'boom\\x1b]0;owned\\x07\\x1b[2J\\u009b31m'; END $$;\n"
+    folder = write_files(tmp_path / "migrations", {"0001_hostile.sql": hostile})
+    config = write_config(tmp_path / "mig.yaml", {"mig": shards.database(folder)})
+    args = ("--config", str(config), "--database", "mig")
+    runs = [await cli("migrate", *args), await cli("migrate", "status", *args)]
+    runs.append(await cli("migrate", "status", *args, "--json"))
+    for run in runs:
+        assert run.code == 1 and "boom" in run.out, run
+        assert not any(c in run.out for c in "\x1b\x07\x9b"), repr(run.out)
+    assert json.loads(runs[2].out)["shards"][0]["dirty"][0]["error"].startswith("boom")
