@@ -146,9 +146,10 @@ async def _create_table(db: DatabaseHandle, sql: str, shard: str | None = None) 
             # Pods installing at once: IF NOT EXISTS checks before creating, so a slower
             # creator collides in the catalog, as a unique violation (pg_type's index,
             # waited on until the other committed) or as "already exists" (42P07, the
-            # other committed between the check and the insert). Once the other has
-            # committed, the next try finds the table.
-            collided = isinstance(exc, UniqueViolation) or exc.sqlstate == "42P07"
+            # other committed between the check and the insert; 42710 "type ... already
+            # exists" when that happened between the check and the table's row type).
+            # Once the other has committed, the next try finds the table.
+            collided = isinstance(exc, UniqueViolation) or exc.sqlstate in ("42P07", "42710")
             if not collided or attempt == _CREATE_ATTEMPTS - 1:
                 raise
 

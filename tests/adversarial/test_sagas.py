@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from client import saga_log
+from client import ConnectionManager, saga_log
 from client.saga import Orchestrator, Saga, Step
 from client.transactions import Transaction
 from sidecar import saga_view
@@ -263,3 +263,21 @@ async def test_step_outputs_too_large_for_the_log_fail_the_step_instead_of_the_s
     )
     # Whatever ran was undone (nothing, or the first step and its compensation).
     assert [r["step"] for r in rows] in ([], ["only", "undone"])
+
+
+async def test_pods_installing_the_log_at_once_never_fail(
+    saga_dbs: dict[str, asyncpg.Connection],
+) -> None:
+    # Concurrent CREATE TABLE IF NOT EXISTS collide in the catalog in two ways: on the
+    # row type's unique index (23505, the other creator not committed yet) or, when it
+    # committed in between, "type ... already exists" (42710); CREATE INDEX IF NOT EXISTS
+    # likewise with "relation ... already exists" (42P07). install() must absorb each.
+    payments = saga_dbs["payments"]
+    db = ConnectionManager.handle_for(ConnectionManager.get("default"), "payments")
+    try:
+        for _ in range(25):
+            await payments.execute("DROP TABLE IF EXISTS dbsidecar_sagas")
+            await asyncio.gather(*(saga_log.install_log(db) for _ in range(12)))
+            assert await payments.fetchval("SELECT to_regclass('dbsidecar_sagas')")
+    finally:
+        await payments.execute("DROP TABLE IF EXISTS dbsidecar_sagas")
