@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from wire.errors import ErrorCode
 from wire.protocol import Append, ReadCategory, ReadStream
@@ -79,8 +80,10 @@ _LOOK_SQL = (
 )
 _INSERT_SQL = (
     f"INSERT INTO {EVENTS} (stream, category, version, event_id, type, data, metadata) "
-    "SELECT $1, $2, $3 + e.n, e.id, e.type, e.data, e.metadata "
-    "FROM unnest($4::uuid[], $5::text[], $6::jsonb[], $7::jsonb[]) "
+    "SELECT $1, $2, $3 + e.n, e.id, e.type, e.data::jsonb, e.metadata::jsonb "
+    # data and metadata travel as JSON text (see _json): asyncpg would read a JSON
+    # array inside a jsonb[] parameter as more array dimensions.
+    "FROM unnest($4::uuid[], $5::text[], $6::text[], $7::text[]) "
     "WITH ORDINALITY AS e(id, type, data, metadata, n) ORDER BY e.n "
     "RETURNING event_id, version, position, recorded_at"
 )
@@ -97,6 +100,13 @@ def _name(what: str, text: str) -> str:
     return text
 
 
+def _json(value: Any) -> str | None:
+    """A plain JSON value as its text, for a text[] parameter cast to jsonb in SQL. Bound
+    in a jsonb[] array, a list value became array dimensions: ["x"] was stored as "x",
+    [[1]] as 1, and [1, 2] or [] were refused (tests/adversarial/test_eventstore.py)."""
+    return None if value is None else msgspec.json.encode(value).decode()
+
+
 def _window(limit: int, cap: int | None) -> int:
     if limit < 1:
         raise bad_plan("limit must be at least 1")
@@ -111,8 +121,8 @@ class AppendWork:
     expected: int | str
     ids: list[uuid.UUID]
     types: list[str]
-    data: list[Any]
-    metadata: list[Any]
+    data: list[str | None]  # JSON text
+    metadata: list[str | None]
     shard: str = ""
 
     def on_shard(self, key: str) -> AppendWork:
@@ -285,8 +295,8 @@ def prepare(plan: Append | ReadStream | ReadCategory, max_rows: int | None) -> W
             expected,
             ids,
             [e.type for e in plan.events],
-            [e.data for e in plan.events],
-            [e.metadata for e in plan.events],
+            [_json(e.data) for e in plan.events],
+            [_json(e.metadata) for e in plan.events],
         )
     if isinstance(plan, ReadStream):
         _name("a stream name", plan.stream)

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from wire.protocol import OutboxMessage
 
 from . import storetables
-from .errors import bad_plan
+from .errors import SidecarError, bad_plan
 from .storetables import OUTBOX, OUTBOX_LOCK
 
 Parts = tuple[list[str], list[str | None], list[tuple[Any, ...]], int]
@@ -37,6 +38,13 @@ MAX_AGGREGATE = 512
 # no wildcards), checked here: a message the relay could never deliver would hold up
 # every message after it.
 _SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
+# Likewise a message the broker refuses for ever: NATS's default max_payload is 1 MiB,
+# headers included (the JSON text PostgreSQL stores counts, which is never shorter than
+# what the relay sends: a float like 1e300 is stored with all its digits); header names
+# the client accepts (an HTTP token); and no "Nats-*" header, since those steer
+# JetStream itself (Nats-Expected-Stream, Nats-Rollup, ...; the relay sets Nats-Msg-Id).
+MAX_MESSAGE_BYTES = 1_000_000
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 # The locks, taken in the order of the aggregates' hashes; each row also says whether the
 # table exists yet.
@@ -46,12 +54,15 @@ _LOCKS_SQL = (
 )
 _INSERT_SQL = (
     f"INSERT INTO {OUTBOX} (message_id, aggregate, subject, payload, headers) "
-    "SELECT m.id, m.aggregate, m.subject, m.payload, m.headers "
-    "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[]) "
+    "SELECT m.id, m.aggregate, m.subject, m.payload::jsonb, m.headers::jsonb "
+    # JSON as text: asyncpg would read a JSON array inside a jsonb[] parameter as more
+    # array dimensions (a payload ["x"] was stored as "x").
+    "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[]) "
     "WITH ORDINALITY AS m(id, aggregate, subject, payload, headers, n) ORDER BY m.n "
     # A message id is the message: a retried write (an idempotent append sent again)
     # does not queue it twice.
-    "ON CONFLICT (message_id) DO NOTHING"
+    "ON CONFLICT (message_id) DO NOTHING "
+    "RETURNING coalesce(octet_length(payload::text), 0) + coalesce(octet_length(headers::text), 0)"
 )
 
 
@@ -67,14 +78,14 @@ class OutboxWork:
     ids: list[uuid.UUID]
     aggregates: list[str]
     subjects: list[str]
-    payloads: list[Any]
-    headers: list[dict[str, str] | None]
+    payloads: list[str | None]  # JSON text
+    headers: list[str | None]
 
     async def __call__(self, conn: asyncpg.Connection, limit: float | None) -> Parts:
         locked = await conn.fetch(_LOCKS_SQL, self.aggregates, timeout=limit)
         if not locked[0][1]:
             await storetables.create(conn, OUTBOX, limit)
-        await conn.execute(
+        sizes = await conn.fetch(
             _INSERT_SQL,
             self.ids,
             self.aggregates,
@@ -83,7 +94,20 @@ class OutboxWork:
             self.headers,
             timeout=limit,
         )
+        if any(size > MAX_MESSAGE_BYTES for (size,) in sizes):
+            raise _too_large()  # the write's transaction rolls back with it
         return [], [], [], 0
+
+
+def _too_large() -> SidecarError:
+    return bad_plan(
+        f"an outbox message's payload and headers are at most {MAX_MESSAGE_BYTES} bytes "
+        "of JSON (NATS's default max_payload is 1 MiB): the relay could never publish it"
+    )
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else msgspec.json.encode(value).decode()
 
 
 def prepare(messages: list[OutboxMessage]) -> OutboxWork | None:
@@ -103,12 +127,20 @@ def prepare(messages: list[OutboxMessage]) -> OutboxWork | None:
             ids.append(uuid.UUID(m.id))
         except ValueError:
             raise bad_plan(f"outbox message id {m.id[:60]!r} is not a UUID") from None
+        for name, value in m.headers.items():
+            if not _HEADER_NAME.fullmatch(name) or name.lower().startswith("nats-"):
+                raise bad_plan(
+                    f"outbox header {name[:60]!r}: a name is letters, digits and "
+                    "!#$%&'*+-.^_`|~, and Nats-* headers are the broker's own"
+                )
+            if "\r" in value or "\n" in value:
+                raise bad_plan(f"outbox header {name[:60]!r}: a value is one line")
     if len(set(ids)) != len(ids):
         raise bad_plan("outbox messages need distinct ids")
-    return OutboxWork(
-        ids,
-        [m.aggregate for m in messages],
-        [m.subject for m in messages],
-        [m.payload for m in messages],
-        [m.headers or None for m in messages],
-    )
+    payloads = [_json(m.payload) for m in messages]
+    headers = [_json(m.headers) if m.headers else None for m in messages]
+    sizes = (len(p or "") + len(h or "") for p, h in zip(payloads, headers, strict=True))
+    if any(size > MAX_MESSAGE_BYTES for size in sizes):
+        raise _too_large()  # before anything is sent (PostgreSQL's text is checked too)
+    return OutboxWork(ids, [m.aggregate for m in messages], [m.subject for m in messages],
+                      payloads, headers)  # fmt: skip
