@@ -28,12 +28,14 @@ from urllib.parse import urlsplit
 
 from . import logs, metrics
 from .health import Prober
+from .patroni_rest import PatroniRest
 from .registry import Registry
 from .registry_consul import ConsulRegistry
 from .registry_etcd import EtcdRegistry
 from .runtime import Runtime
 from .settings import (
     ConfigError,
+    PatroniSettings,
     Settings,
     build_settings,
     env_overrides,
@@ -64,15 +66,25 @@ _RESTART_ONLY = ("listen", "ops", "registry")
 
 
 def _services(settings: Settings) -> set[str]:
-    """The catalogs to watch: Consul services, Patroni clusters (by key prefix)."""
+    """The catalogs the registry watches: Consul services, Patroni clusters' etcd keys."""
     names = set()
     for db in settings.databases.values():
         for holder in (db, *db.shards):
             if holder.service is not None:
                 names.add(holder.service.name)
-            if holder.patroni is not None:
+            if holder.patroni is not None and not holder.patroni.rest:
                 names.add(holder.patroni.prefix)
     return names
+
+
+def _rest_clusters(settings: Settings) -> dict[str, PatroniSettings]:
+    """The Patroni clusters followed through their REST API, by catalog name."""
+    return {
+        holder.patroni.prefix: holder.patroni
+        for db in settings.databases.values()
+        for holder in (db, *db.shards)
+        if holder.patroni is not None and holder.patroni.rest
+    }
 
 
 def _register_secrets(settings: Settings) -> None:
@@ -103,6 +115,7 @@ class ConfigManager:
         self.catalog: dict[str, list[CatalogNode]] = {}
         self._applied_catalog: dict[str, list[CatalogNode]] = {}
         self.registry: Registry | None = None
+        self.patroni_rest = PatroniRest(self._on_catalog)
         self.state: Host | None = None
         self.last_error: dict[str, Any] | None = None
         self.last_applied = time.time()
@@ -146,7 +159,10 @@ class ConfigManager:
         if self.registry is not None:
             self.registry.watch_services(_services(settings))
             if not await self.registry.services_seen(5.0):
-                log.warning("some Consul services did not answer yet; their nodes come later")
+                log.warning("some catalogs did not answer yet; their nodes come later")
+        self.patroni_rest.watch(_rest_clusters(settings))
+        if not await self.patroni_rest.seen(5.0):
+            log.warning("some Patroni REST APIs did not answer yet; their nodes come later")
         topology = build(settings, self.catalog)
         await open_pools(topology)
         await state.prober.watch(topology.nodes)
@@ -298,6 +314,7 @@ class ConfigManager:
         self._applied_catalog = dict(self.catalog)
         if self.registry is not None:
             self.registry.watch_services(_services(settings))
+        self.patroni_rest.watch(_rest_clusters(settings))
         kept = set(topology.nodes)
         removed = [n for n in old.nodes if n not in kept]
         if removed:
@@ -344,6 +361,7 @@ class ConfigManager:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self.registry is not None:
             await self.registry.stop()
+        await self.patroni_rest.stop()
 
     def document(self) -> dict[str, Any]:
         """For /healthz and /v1/topology."""

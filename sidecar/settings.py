@@ -124,11 +124,16 @@ class ServiceSettings(_Section):
 
 class PatroniSettings(_Section):
     """Nodes from a Patroni cluster: its members and leader, from the keys it keeps in
-    the registry's etcd (Patroni's ``etcd3`` DCS)."""
+    the registry's etcd (Patroni's ``etcd3`` DCS), or from its REST API."""
 
     # Patroni's scope (the cluster's name) and namespace.
     scope: str
     namespace: str = "/service"
+    # Members' REST API addresses (http://host:8008): when given, the cluster is polled
+    # with GET /cluster instead of watched in etcd (any DCS; no registry needed).
+    rest: list[str] = []
+    # Seconds between two GET /cluster (REST only: Patroni has no blocking query).
+    interval: float = 1.0
     # What every member connects to: database, user, password_env, ... (host and port
     # come from the member's conn_url).
     node: NodeSettings = msgspec.field(default_factory=NodeSettings)
@@ -391,10 +396,11 @@ def _check(settings: Settings) -> None:
             db.service is not None or any(s.service is not None for s in db.shards)
         ):
             raise ConfigError(f"{where}: nodes from a Consul service need registry.consul")
-        if settings.registry.etcd is None and (
-            db.patroni is not None or any(s.patroni is not None for s in db.shards)
-        ):
-            raise ConfigError(f"{where}: a Patroni cluster's keys are read from registry.etcd")
+        if db.patroni is not None:
+            _check_patroni(where, db.patroni, settings.registry)
+        for i, shard in enumerate(db.shards):
+            if shard.patroni is not None:
+                _check_patroni(f"{where}.shards[{i}]", shard.patroni, settings.registry)
         if db.sharding is None:
             if db.shards:
                 raise ConfigError(f"{where}.shards: shards need a 'sharding' section")
@@ -443,6 +449,20 @@ def _check_registry(registry: RegistrySettings) -> None:
         raise ConfigError("registry.etcd: cert_file and key_file go together")
     if etcd.timeout <= 0:
         raise ConfigError("registry.etcd.timeout: seconds, above 0")
+
+
+def _check_patroni(where: str, patroni: PatroniSettings, registry: RegistrySettings) -> None:
+    if not patroni.rest and registry.etcd is None:
+        raise ConfigError(
+            f"{where}.patroni: give the members' rest addresses, or registry.etcd to read "
+            "the cluster's keys from"
+        )
+    for i, url in enumerate(patroni.rest):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}.patroni.rest[{i}]: not an http(s)://host:port address")
+    if patroni.interval <= 0:
+        raise ConfigError(f"{where}.patroni.interval: seconds, above 0")
 
 
 def _check_nodes(

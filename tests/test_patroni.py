@@ -261,3 +261,58 @@ async def _promoted(cluster: PatroniCluster, name: str) -> float:
 async def _now(value: bool) -> bool:
     """A check already made, in the form eventually() polls."""
     return value
+
+
+async def test_patroni_followed_through_its_rest_api(cluster: PatroniCluster, tmp_path) -> None:
+    """No registry: the cluster is polled with GET /cluster on one member, whose answer
+    names the others; a switchover moves writes and the sidecar follows."""
+    await _prepare(cluster)
+    first = cluster.leader()
+    assert first is not None
+    [second] = [n for n in cluster.names if n != first]
+    config = {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "ops": {"host": "127.0.0.1", "port": free_port()},
+        "health": {"interval": 0.2, "timeout": 0.5, "failure_threshold": 2},
+        "databases": {
+            "orders": {
+                "patroni": {"scope": "pg", "interval": 0.2,
+                            # Only the replica's API: the leader is learnt from its answer.
+                            "rest": [f"http://127.0.0.1:{cluster.api_port[second]}"],
+                            "node": {"database": "orders", "user": "app",
+                                     "password": APP_PASSWORD}},
+                "pool": {"acquire_timeout": 1, "connect_timeout": 1, "statement_timeout": 10},
+            }
+        },
+    }  # fmt: skip
+    proc = SidecarProcess(config, tmp_path, "patroni-rest")
+    proc.start()
+    transport = Transport(proc.url)
+    db = DatabaseHandle("rest", transport=transport, database="orders",
+                        consistency="eventual", read_retries=0, batching=False)  # fmt: skip
+    write = Insert(database="orders", table="t", rows=[{"v": "rest"}], returning=["id"])
+    try:
+        assert (await db.run(write)).served_by[0].node == f"pg/{first}"
+        await asyncio.to_thread(
+            cluster.patronictl, "switchover", "--leader", first, "--candidate", second, "--force"
+        )
+
+        async def writes_on_second() -> bool:
+            plan = Insert(database="orders", table="t", rows=[{"v": f"rest-{time.monotonic()}"}])
+            try:
+                return (await db.run(plan)).served_by[0].node == f"pg/{second}"
+            except DbSidecarError as exc:
+                assert exc.retryable, exc
+                return False
+
+        await eventually(writes_on_second, 30, "writes on the new leader")
+        await eventually(lambda: _now(cluster.healthy()), 30, "the old leader to rejoin")
+        read = Raw(database="orders", sql="SELECT 1", writes=False, route=Route(role="replica"))
+
+        async def reads_on_first() -> bool:
+            return (await db.run(read)).served_by[0].node == f"pg/{first}"
+
+        await eventually(reads_on_first, 15, "reads on the demoted leader")
+    finally:
+        await transport.close()
+        proc.terminate()

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from sidecar.patroni import members
+from sidecar.patroni_rest import cluster_members
 from sidecar.registry_etcd import _range_end
 from sidecar.settings import ConfigError, build_settings
 from sidecar.topology import CatalogNode, build
@@ -50,6 +51,25 @@ def test_a_prefix_range_covers_exactly_the_prefix() -> None:
     assert _range_end(b"\xff\xff") == b"\0"
 
 
+def test_get_cluster_answers_become_members() -> None:
+    document = {"scope": "pg", "members": [
+        {"name": "b", "role": "replica", "state": "streaming", "host": "db-b", "port": 5433,
+         "api_url": "http://db-b:8008/patroni", "lag": 0},
+        {"name": "a", "role": "leader", "state": "running", "host": "db-a", "port": 5432},
+        {"name": "broken", "role": "replica"},
+    ]}  # fmt: skip
+    assert cluster_members(document) == [
+        CatalogNode(id="a", address="db-a", port=5432, tags=("primary",)),
+        CatalogNode(id="b", address="db-b", port=5433, tags=("replica",)),
+    ]
+
+
+def test_a_patroni_cluster_through_rest_needs_no_registry() -> None:
+    rest = {**PATRONI, "rest": ["http://db-a:8008"]}
+    settings = build_settings({"databases": {"orders": {"patroni": rest}}})
+    assert settings.databases["orders"].patroni is not None
+
+
 ETCD = {"registry": {"etcd": {"endpoints": ["127.0.0.1:2379"]}}}
 PATRONI = {"scope": "pg", "node": {"database": "orders", "user": "app", "password_env": "PW"}}
 
@@ -79,7 +99,11 @@ def test_a_patroni_database_becomes_nodes_named_after_the_scope() -> None:
 @pytest.mark.parametrize(
     ("document", "message"),
     [
-        ({"databases": {"orders": {"patroni": PATRONI}}}, "read from registry.etcd"),
+        ({"databases": {"orders": {"patroni": PATRONI}}}, "rest addresses, or registry.etcd"),
+        (
+            {"databases": {"orders": {"patroni": {**PATRONI, "rest": ["pg-a:8008"]}}}},
+            r"patroni.rest\[0\]: not an http",
+        ),
         (
             {**ETCD, "databases": {"orders": {"service": {"name": "pg"}}}},
             "need registry.consul",
