@@ -18,12 +18,15 @@ commits, so within a category positions are taken and committed in one order and
 every snapshot sees a prefix of them; a category reader needs no lock. A reader of
 every stream (category None) also needs positions of different categories to commit
 in order, so appenders also hold a *shared* barrier lock, and that reader takes the
-barrier exclusively (``pg_try_advisory_xact_lock``, so it never queues in front of
-appenders) before it reads: then no appender is between taking a position and
-committing, and appenders coming after it take larger positions. When appenders keep
-the barrier busy for ``BARRIER_WAIT`` seconds the read answers no events (never
-events past a gap), and the caller asks again. Such a read runs on the primary, since
-a replica's locks are its own.
+barrier exclusively before it reads: then no appender is between taking a position
+and committing, and appenders coming after it take larger positions. It tries first
+(``pg_try_advisory_xact_lock``, no waiting in front of appenders); appenders whose
+transactions overlap can keep the barrier busy for as long as they keep coming, so
+after ``BARRIER_TRY`` seconds it queues for it, at most ``BARRIER_QUEUE`` seconds
+(PostgreSQL lets no shared lock pass a queued exclusive one, so new appenders wait
+behind it while those in flight commit). When even that fails the read answers no
+events (never events past a gap), and the caller asks again. Such a read runs on the
+primary, since a replica's locks are its own.
 """
 
 from __future__ import annotations
@@ -47,8 +50,11 @@ from .storetables import BARRIER_LOCK, EVENTS, EVENTS_LOCK
 
 Parts = tuple[list[str], list[str | None], list[tuple[Any, ...]], int]
 
-# How long a reader of every stream tries for the barrier before answering no events.
-BARRIER_WAIT = 0.5
+# How long a reader of every stream tries for the barrier, then queues for it, before
+# answering no events. Trying alone starved it: under 32 concurrent appenders no read
+# of every stream answered any event for as long as they kept on.
+BARRIER_TRY = 0.1
+BARRIER_QUEUE = 0.2
 _BARRIER_RETRY = 0.002
 MAX_NAME = 512
 
@@ -66,8 +72,10 @@ _EXISTS_SQL = f"SELECT to_regclass('{EVENTS}') IS NOT NULL"
 _BARRIER_SQL = (
     f"SELECT to_regclass('{EVENTS}') IS NOT NULL, pg_try_advisory_xact_lock({BARRIER_LOCK}, 0)"
 )
-# The barrier (shared) and the category's lock, left to right; a reader of every stream
-# only ever tries the barrier, never waits, so no order of these deadlocks.
+_SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', $1, true)"
+# The barrier (shared) and the category's lock, left to right. A reader of every stream
+# waits for the barrier only under a lock_timeout (a reader in a transaction that also
+# appended could close a cycle with an appender: its wait ends, nothing hangs).
 _APPEND_LOCKS = (
     f"SELECT pg_advisory_xact_lock_shared({BARRIER_LOCK}, 0), "
     f"pg_advisory_xact_lock({EVENTS_LOCK}, hashtext($1)), to_regclass('{EVENTS}') IS NOT NULL"
@@ -255,7 +263,7 @@ class ReadCategoryWork:
 async def _barrier(conn: asyncpg.Connection, limit: float | None) -> bool:
     """Hold the barrier (no appender between its position and its commit) for the rest
     of the transaction; False when there is no table yet or appenders kept it busy."""
-    give_up = time.monotonic() + BARRIER_WAIT
+    give_up = time.monotonic() + BARRIER_TRY
     while True:
         exists, held = await conn.fetchrow(_BARRIER_SQL, timeout=limit)
         if not exists:
@@ -263,8 +271,27 @@ async def _barrier(conn: asyncpg.Connection, limit: float | None) -> bool:
         if held:
             return True
         if time.monotonic() > give_up:
-            return False
+            return await _queue_for_barrier(conn, limit)
         await asyncio.sleep(_BARRIER_RETRY)
+
+
+async def _queue_for_barrier(conn: asyncpg.Connection, limit: float | None) -> bool:
+    """Wait for the barrier in PostgreSQL's lock queue, at most BARRIER_QUEUE seconds, in
+    a savepoint: a lock timeout rolls back to it, the caller's transaction goes on (and
+    so does its own lock_timeout, set back after the wait)."""
+    await conn.execute("SAVEPOINT dbsidecar_barrier", timeout=limit)
+    try:
+        old = await conn.fetchval("SELECT current_setting('lock_timeout')", timeout=limit)
+        wait = f"{int(BARRIER_QUEUE * 1000)}ms"
+        await conn.execute(_SET_LOCK_TIMEOUT, wait, timeout=limit)
+        await conn.execute(f"SELECT pg_advisory_xact_lock({BARRIER_LOCK}, 0)", timeout=limit)
+    except asyncpg.LockNotAvailableError:
+        await conn.execute("ROLLBACK TO SAVEPOINT dbsidecar_barrier", timeout=limit)
+        await conn.execute("RELEASE SAVEPOINT dbsidecar_barrier", timeout=limit)
+        return False
+    await conn.execute("RELEASE SAVEPOINT dbsidecar_barrier", timeout=limit)
+    await conn.execute(_SET_LOCK_TIMEOUT, old, timeout=limit)
+    return True
 
 
 Work = AppendWork | ReadStreamWork | ReadCategoryWork
