@@ -18,7 +18,7 @@ import msgspec
 from wire.migrations import MigrateRequest, MigrationFile, MigrationReport, parse_file_name
 
 from .connection import ConnectionManager, DatabaseHandle
-from .errors import DbSidecarError
+from .errors import DbSidecarError, SidecarUnreachable
 
 _report = msgspec.json.Decoder(MigrationReport)
 
@@ -54,15 +54,29 @@ def read_folder(folder: str | Path) -> list[MigrationFile]:
 
 
 async def migrate(
-    db: DatabaseHandle | str = "default", folder: str | Path | None = None
+    db: DatabaseHandle | str = "default",
+    folder: str | Path | None = None,
+    answer_within: float = 1800.0,
 ) -> MigrationReport:
     """Apply the migrations of ``folder`` (or the sidecar's configured folder) to the
     database behind ``db`` (a handle or its name); MigrationFailed unless every shard
-    ends at the latest version."""
+    ends at the latest version. ``answer_within``: seconds to wait for the sidecar's answer
+    (a run waits for other pods' runs and may build indexes), not the handle's timeout."""
     handle = ConnectionManager.get(db) if isinstance(db, str) else db
     files = [] if folder is None else await asyncio.to_thread(read_folder, folder)
     body = msgspec.json.encode(MigrateRequest(handle.database, files))
-    report = await handle.transport.request("POST", "/v1/migrate", body, _report)
+    try:
+        report = await handle.transport.request(
+            "POST", "/v1/migrate", body, _report, answer_within=answer_within
+        )
+    except SidecarUnreachable as exc:
+        # The sidecar finishes a run whose caller left: "unreachable" alone would hide that.
+        raise SidecarUnreachable(
+            f"{exc}; a migration the sidecar started goes on without this caller: "
+            f"`dbsidecar migrate status --database {handle.database}` shows where it is",
+            code=exc.code,
+            retryable=exc.retryable,
+        ) from exc
     if not report.ok:
         raise MigrationFailed(report)
     return report

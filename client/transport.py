@@ -109,15 +109,18 @@ class Transport:
 
     async def request(
         self, method: str, path: str, body: bytes | None, decoder: msgspec.json.Decoder[T],
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None, answer_within: float | None = None,
     ) -> T:  # fmt: skip
+        """One HTTP request; ``answer_within`` (seconds) replaces the transport's for requests
+        that may rightly take longer (a migration waiting for another pod's lock)."""
         rid = request_id.get()
         if rid is not None:
             headers = {**(headers or {}), "X-Request-ID": rid}
+        limit = self.timeout if answer_within is None else aiohttp.ClientTimeout(answer_within)
         try:
             session = await self._client()
             async with session.request(
-                method, self.base + path, data=body, headers=headers
+                method, self.base + path, data=body, headers=headers, timeout=limit
             ) as resp:
                 payload = await resp.read()
                 status = resp.status

@@ -7,20 +7,24 @@ its own (see tests/test_migrations.py) with migrations enabled, and one without.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from client.connection import DatabaseHandle
 from client.migrations import MigrationFailed, migrate
 from client.transport import Transport
 from devstack.ports import HOST, free_port
+from sidecar.migration_table import LOCK_KEY
 
-from .harness import SidecarProcess, http_get
+from .harness import SidecarProcess, eventually, http_get
 from .test_migrations import COUNTER, WIDGETS, ShardSet, cli, shards, write_files
 
 __all__ = ["shards"]  # the fixture, used by the tests below
@@ -187,4 +191,35 @@ async def test_bad_migrate_requests_are_refused_before_any_shard_is_touched(
                 DatabaseHandle("migapi", transport=transport, database="migapi"), tmp_path / "bad"
             )
     finally:
+        await transport.close()
+
+
+async def test_a_migration_may_take_longer_than_the_handles_timeout(
+    sidecar: SidecarProcess, shards: ShardSet, tmp_path: Path
+) -> None:
+    """A run waits for other pods' runs (their lock): the handle's own timeout (here
+    0.5 s) does not cut the app's migrate() short while the sidecar is still working."""
+    transport = Transport(sidecar.url, token=TOKEN, mode="http", timeout=0.5)
+    handle = DatabaseHandle("migapi", transport=transport, database="migapi")
+    files = write_files(tmp_path / "app", {"0001_counter.sql": COUNTER})
+    other_pod = await asyncpg.connect(shards.dsn(0))
+    try:
+        await other_pod.fetchval("SELECT pg_advisory_lock($1)", LOCK_KEY)
+        began = time.monotonic()
+        running = asyncio.ensure_future(migrate(handle, files))
+
+        async def waited_past_the_timeout() -> bool:
+            # The condition under test is time itself: the run outlives the handle's limit.
+            waiting = await other_pod.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_try_advisory_lock%'"
+                " AND pid <> pg_backend_pid()"
+            )
+            return waiting > 0 and time.monotonic() - began > 1.0 and not running.done()
+
+        await eventually(waited_past_the_timeout, 10, "the run to wait past 0.5 s")
+        await other_pod.fetchval("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+        report = await running
+        assert report.ok and [s.outcome for s in report.shards] == ["applied"] * 4
+    finally:
+        await other_pod.close()
         await transport.close()
