@@ -30,6 +30,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from itertools import groupby
 
+import msgspec
+
 from wire.protocol import ALL_SHARDS, Raw, Route
 from wire.values import encode_value
 
@@ -53,6 +55,19 @@ _SAVE = (
     "ON CONFLICT (subscription, shard) DO UPDATE SET position = excluded.position "
     "WHERE dbsidecar_subscriptions.position < excluded.position"
 )
+# In the handler's transaction: only from the position this run read from ($4), else no
+# row comes back and the page rolls back. With _SAVE there, two runs of one subscription
+# (two pods) handled the same page and both committed their effects, the second one
+# merely not moving the checkpoint: every effect twice.
+_ADVANCE = (
+    "INSERT INTO dbsidecar_subscriptions (subscription, shard, position) VALUES ($1, $2, $3) "
+    "ON CONFLICT (subscription, shard) DO UPDATE SET position = excluded.position "
+    "WHERE dbsidecar_subscriptions.position = $4 RETURNING position"
+)
+
+
+class _Overtaken(Exception):
+    """Another run of this subscription handled the page first (its effects commit)."""
 
 
 class Subscription:
@@ -126,7 +141,12 @@ class Subscription:
         # Shard by shard, each shard's events in their order (a page keeps it per shard).
         for shard, events in groupby(sorted(page.events, key=lambda e: e.shard), lambda e: e.shard):
             done = list(events)
-            await self._handle(db, shard, done)
+            try:
+                await self._handle(db, shard, done)
+            except _Overtaken:
+                # Nothing of this page committed: go on from where the other run got to.
+                await self.load()
+                return 0
             self.checkpoint = self.checkpoint.after(done)
         return len(page.events)
 
@@ -143,7 +163,12 @@ class Subscription:
                 await self.handler(event, None)
             await db.run(save)
             return
+        read_from = self.checkpoint.positions.get(shard, 0)
+        advance = msgspec.structs.replace(
+            save, sql=_ADVANCE, params=[*save.params, encode_value(read_from)]
+        )
         async with db.transaction(shard or None) as tx:
             for event in events:
                 await self.handler(event, tx)
-            await tx.run(save)
+            if not decode(await tx.run(advance)):
+                raise _Overtaken  # rolls the handler's writes back

@@ -26,8 +26,14 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 
+from client.eventstore import EventData, EventStore, RecordedEvent
+from client.subscription import Subscription
+from client.transactions import Transaction
 from sidecar.storetables import BARRIER_LOCK
+from wire.protocol import Raw
+from wire.values import encode_value
 
 from ..conftest import server_dsn
 from ..harness import eventually
@@ -200,3 +206,52 @@ async def test_a_reader_that_waited_for_the_barrier_in_vain_leaves_its_transacti
         assert (await post(sidecar.url, f"/v1/tx/{tx}/commit", None))[0] == 200
     finally:
         await holder.close()
+
+
+PROBE_EFFECTS = (
+    "CREATE TABLE IF NOT EXISTS adversarial_sub_effects "
+    "(subscription text NOT NULL, event_id uuid NOT NULL)"
+)
+
+
+@pytest.mark.usefixtures("handles")
+async def test_two_runs_of_one_subscription_commit_each_effect_once(primary) -> None:
+    await primary.execute(PROBE_EFFECTS)
+    name, cat = f"sub-{uuid.uuid4().hex[:8]}", f"d{uuid.uuid4().hex[:10]}"
+    for i in range(20):
+        await EventStore.append(f"{cat}-{i % 4}", [EventData("E", {"i": i}) for _ in range(10)])
+
+    async def handler(event: RecordedEvent, tx: Transaction | None) -> None:
+        assert tx is not None
+        await tx.run(Raw(
+            database="orders", writes=True,
+            sql="INSERT INTO adversarial_sub_effects (subscription, event_id) VALUES ($1, $2)",
+            params=[encode_value(name), encode_value(event.id)],
+        ))  # fmt: skip
+
+    async def caught_up() -> bool:
+        if not await primary.fetchval("SELECT to_regclass('dbsidecar_subscriptions') IS NOT NULL"):
+            return False
+        stored = await primary.fetchval(
+            "SELECT position FROM dbsidecar_subscriptions WHERE subscription = $1", name
+        )
+        last = await primary.fetchval(
+            "SELECT max(position) FROM dbsidecar_events WHERE category = $1", cat
+        )
+        return stored == last
+
+    # Two pods running the same subscription (a Deployment with two replicas).
+    stop = asyncio.Event()
+    runs = [Subscription(name, handler, category=cat, batch=10, max_wait=0.05) for _ in "ab"]
+    tasks = [asyncio.create_task(run.run(stop)) for run in runs]
+    try:
+        await eventually(caught_up, 60, "the subscription to reach the end")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    effects = await primary.fetch(
+        "SELECT event_id, count(*) FROM adversarial_sub_effects WHERE subscription = $1 GROUP BY 1",
+        name,
+    )
+    assert len(effects) == 200
+    assert {n for _, n in effects} == {1}, "an event's effect committed twice"
