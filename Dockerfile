@@ -85,7 +85,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-cache-dir --disable-pip-version-check --no-index \
         --find-links=/wheels "$(echo /wheels/dbsidecar-*.whl)[relay]" \
  && pip uninstall --yes setuptools wheel pip \
- && python -c "import sidecar.app, sidecar.reload, sidecar.cli, sidecar.relay, client, nats" \
+ && python -c "import sidecar.app, sidecar.reload, sidecar.cli, sidecar.relay_nats, sidecar.relay_webhook, client" \
  && dbsidecar --version
 
 # No HEALTHCHECK: Kubernetes ignores it and uses the startup/liveness/readiness

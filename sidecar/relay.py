@@ -1,40 +1,39 @@
-"""The outbox relay: messages committed in ``dbsidecar_outbox`` delivered to NATS JetStream.
+"""The outbox relay: messages committed in ``dbsidecar_outbox`` delivered to a sink.
+
+A sink is where messages go: NATS JetStream (:mod:`sidecar.relay_nats`) or an HTTP
+webhook (:mod:`sidecar.relay_webhook`); this module is the delivery loop, the same for
+either, and the small interface (:class:`Sink`) it delivers through.
 
 One delivery loop per shard primary of a logical database. A loop delivers only while
 it holds a session-level advisory lock on that shard's database, so any number of relay
 processes (one per pod) can run and exactly one delivers per shard; when its connection
 or process dies, PostgreSQL drops the lock and a standby takes over within one poll.
 
-The leader reads the oldest messages in id order (a bounded batch), publishes them one
-after another, each acknowledged by JetStream before the next (so the order per aggregate
-that the writers' locks made, see :mod:`sidecar.outbox`, is the order in the stream),
-with the message id as ``Nats-Msg-Id``, then deletes what was acknowledged in one
-statement. A crash between a publish and the delete publishes those messages again,
-and JetStream drops them by their id within the stream's duplicate window (2 minutes by
-default: keep it longer than a relay may stay down). A failed publish (broker down, no
-stream for the subject) stops the batch there, deletes what went before it, and tries
-again after a backoff that doubles up to ``max_backoff``: nothing is skipped, nothing
-reordered.
+The leader reads the oldest messages in id order (a bounded batch), sends them one
+after another, each acknowledged by the sink before the next (so the order per aggregate
+that the writers' locks made, see :mod:`sidecar.outbox`, is the order the receiver sees),
+then deletes what was acknowledged in one statement. A crash between a send and the
+delete sends those messages again, with the same message id, which the receiver drops
+them by (JetStream by ``Nats-Msg-Id``, a webhook by ``Idempotency-Key``). A failed send
+(broker down, no stream for the subject, a webhook's non-2xx answer) stops the batch
+there, deletes what went before it, and tries again after a backoff that doubles up to
+``max_backoff``: nothing is skipped, nothing reordered, nothing dropped.
 
 Metrics (per database and shard): ``dbsidecar_relay_lag_seconds`` (age of the oldest
 undelivered message, 0 when none), ``dbsidecar_relay_delivered_total``,
-``dbsidecar_relay_failed_total`` (failed publishes), ``dbsidecar_relay_leader`` (1 while
+``dbsidecar_relay_failed_total`` (failed sends), ``dbsidecar_relay_leader`` (1 while
 this process delivers for the shard).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import msgspec
-import nats
-import nats.errors
-import nats.js
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .pools import connect_kwargs
@@ -44,7 +43,7 @@ from .storetables import OUTBOX, RELAY_LOCK
 log = logging.getLogger("dbsidecar.relay")
 
 _BATCH_SQL = (
-    "SELECT id, message_id, subject, payload, headers, "
+    "SELECT id, message_id, aggregate, subject, payload, headers, "
     "extract(epoch FROM clock_timestamp() - created_at)::float8 AS age "
     f"FROM {OUTBOX} ORDER BY id LIMIT $1"
 )
@@ -52,16 +51,43 @@ _DELETE_SQL = f"DELETE FROM {OUTBOX} WHERE id = ANY($1::bigint[])"
 _EXISTS_SQL = f"SELECT to_regclass('{OUTBOX}') IS NOT NULL"
 _LEAD_SQL = f"SELECT pg_try_advisory_lock({RELAY_LOCK}, 0)"
 
-# What a failed publish can raise: the client's errors (timeouts, a closed or
-# reconnecting connection, no stream for the subject) and the socket's.
-PUBLISH_ERRORS = (nats.errors.Error, asyncio.TimeoutError, OSError)
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One outbox message as a sink sends it."""
+
+    id: str  # the message id (a UUID): what the receiver de-duplicates by
+    subject: str
+    aggregate: str
+    payload: Any  # plain JSON
+    headers: dict[str, str]
+
+
+class DeliveryFailed(Exception):
+    """The sink did not get a message acknowledged: the batch stops there and the same
+    message is sent again after the backoff. ``level``: how loudly the loop logs it
+    (an error when only a change on the receiver's side can get the message through)."""
+
+    def __init__(self, reason: str, level: int = logging.WARNING) -> None:
+        super().__init__(reason)
+        self.level = level
+
+
+class Sink(Protocol):
+    """Where the loop delivers: shared by every shard's loop of the process."""
+
+    async def send(self, message: Message) -> None:
+        """Return once the receiver acknowledged ``message``; raise DeliveryFailed
+        otherwise (within a bounded time)."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
 class RelayOptions:
-    nats_url: str
     batch: int = 200
-    # Seconds for one publish's acknowledgement.
+    # Seconds one send may take until it counts as failed.
     publish_timeout: float = 2.0
     # The idle poll and the backoff after failures both grow from min_wait to these.
     min_wait: float = 0.02
@@ -76,61 +102,13 @@ class RelayMetrics:
                          "Age of the oldest undelivered outbox message", labels,
                          registry=registry)  # fmt: skip
         self.delivered = Counter("dbsidecar_relay_delivered",
-                                 "Outbox messages acknowledged by the broker", labels,
+                                 "Outbox messages acknowledged by the sink", labels,
                                  registry=registry)  # fmt: skip
-        self.failed = Counter("dbsidecar_relay_failed", "Failed publishes (retried)", labels,
+        self.failed = Counter("dbsidecar_relay_failed", "Failed sends (retried)", labels,
                               registry=registry)  # fmt: skip
         self.leader = Gauge("dbsidecar_relay_leader",
                             "1 while this relay delivers for the shard", labels,
                             registry=registry)  # fmt: skip
-
-
-def _payload(value: Any) -> bytes:
-    return msgspec.json.encode(value)
-
-
-class Broker:
-    """One NATS connection for the process, reconnecting for ever in the background;
-    connecting again from scratch when the first connect fails."""
-
-    def __init__(self, options: RelayOptions) -> None:
-        self.options = options
-        self._nc: nats.NATS | None = None
-        self._js: nats.js.JetStreamContext | None = None
-
-    async def jetstream(self) -> nats.js.JetStreamContext:
-        if self._js is None:
-            self._nc = await nats.connect(
-                servers=[self.options.nats_url],
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=self.options.min_wait * 10,
-                connect_timeout=self.options.publish_timeout,
-                error_cb=_nats_error,
-                disconnected_cb=_nats_disconnected,
-                reconnected_cb=_nats_reconnected,
-            )
-            self._js = self._nc.jetstream(timeout=self.options.publish_timeout)
-        return self._js
-
-    async def close(self) -> None:
-        if self._nc is not None:
-            with contextlib.suppress(*PUBLISH_ERRORS):
-                await self._nc.close()
-
-
-async def _nats_error(exc: Exception) -> None:
-    # Every failed reconnect attempt lands here (several a second while the broker is
-    # down); the disconnect itself and the failed publishes are the warnings.
-    log.debug("broker connection: %s", exc)
-
-
-async def _nats_disconnected() -> None:
-    log.warning("broker disconnected")
-
-
-async def _nats_reconnected() -> None:
-    log.warning("broker reconnected")
 
 
 class ShardRelay:
@@ -141,13 +119,13 @@ class ShardRelay:
         database: str,
         shard: str,
         connect: dict[str, Any],
-        broker: Broker,
+        sink: Sink,
         options: RelayOptions,
         metrics: RelayMetrics,
     ) -> None:
         self.database, self.shard = database, shard
         self._connect = connect
-        self._broker = broker
+        self._sink = sink
         self._options = options
         self._lag = metrics.lag.labels(database, shard)
         self._delivered = metrics.delivered.labels(database, shard)
@@ -199,7 +177,7 @@ class ShardRelay:
                 wait = opts.min_wait
 
     async def _batch(self, conn: asyncpg.Connection) -> int | None:
-        """One batch: the number of messages delivered, None when a publish failed."""
+        """One batch: the number of messages delivered, None when a send failed."""
         if not await conn.fetchval(_EXISTS_SQL):
             self._lag.set(0)
             return 0  # no write carried a message yet
@@ -207,16 +185,18 @@ class ShardRelay:
         self._lag.set(rows[0]["age"] if rows else 0)
         done: list[int] = []
         failed = False
-        try:
-            js = await self._broker.jetstream()
-            for row in rows:
-                headers = {**(row["headers"] or {}), "Nats-Msg-Id": str(row["message_id"])}
-                await js.publish(row["subject"], _payload(row["payload"]), headers=headers)
-                done.append(row["id"])
-        except PUBLISH_ERRORS as exc:
-            failed = True
-            self._failed.inc()
-            log.warning("relay %s/%s: publish failed: %r", self.database, self.shard, exc)
+        for row in rows:
+            message = Message(str(row["message_id"]), row["subject"], row["aggregate"],
+                              row["payload"], row["headers"] or {})  # fmt: skip
+            try:
+                await self._sink.send(message)
+            except DeliveryFailed as exc:
+                failed = True
+                self._failed.inc()
+                log.log(exc.level, "relay %s/%s: message %s not delivered: %s",
+                        self.database, self.shard, message.id, exc)  # fmt: skip
+                break
+            done.append(row["id"])
         if done:
             await conn.execute(_DELETE_SQL, done)
             self._delivered.inc(len(done))
@@ -226,14 +206,14 @@ class ShardRelay:
 async def _json_codecs(conn: asyncpg.Connection) -> None:
     for typ in ("json", "jsonb"):
         await conn.set_type_codec(
-            typ, encoder=_payload, decoder=msgspec.json.decode, schema="pg_catalog"
+            typ, encoder=msgspec.json.encode, decoder=msgspec.json.decode, schema="pg_catalog"
         )
 
 
 def shard_relays(
     settings: Settings,
     database: str,
-    broker: Broker,
+    sink: Sink,
     options: RelayOptions,
     metrics: RelayMetrics,
 ) -> list[ShardRelay]:
@@ -254,5 +234,5 @@ def shard_relays(
         # A frozen server fails the loop's statements (and it connects again) instead of
         # holding the relay for ever.
         kwargs["command_timeout"] = options.publish_timeout * 10
-        relays.append(ShardRelay(database, name, kwargs, broker, options, metrics))
+        relays.append(ShardRelay(database, name, kwargs, sink, options, metrics))
     return relays

@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from devstack.sidecar_process import REPO
 
@@ -15,18 +17,28 @@ from .harness import SIDECAR_LOGS, SidecarProcess, free_port, samples, wait_unti
 
 
 class Relay:
-    """A `dbsidecar relay` child process; its log joins the session's secret scan."""
+    """A `dbsidecar relay` child process; its log joins the session's secret scan.
+    ``url`` is the NATS server's, or with ``sink="webhook"`` the webhook's; ``options``
+    are more of the command's arguments."""
 
     def __init__(
-        self, sidecar: SidecarProcess, url: str, workdir: Path, database: str, batch: int = 100
+        self,
+        sidecar: SidecarProcess,
+        url: str,
+        workdir: Path,
+        database: str,
+        batch: int = 100,
+        *,
+        sink: Literal["nats", "webhook"] = "nats",
+        options: Sequence[str] = (),
     ) -> None:
         self.metrics_port = free_port()
         self.log_path = workdir / f"relay-{self.metrics_port}.log"
         SIDECAR_LOGS.append(self.log_path)
         argv = [sys.executable, "-m", "sidecar.cli", "relay", "--config",
-                str(sidecar.config_path), "--database", database, "--nats", url,
+                str(sidecar.config_path), "--database", database, f"--{sink}", url,
                 "--batch", str(batch), "--max-backoff", "0.5", "--metrics-host", "127.0.0.1",
-                "--metrics-port", str(self.metrics_port)]  # fmt: skip
+                "--metrics-port", str(self.metrics_port), *options]  # fmt: skip
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, cwd=REPO,
