@@ -119,6 +119,8 @@ class WebhookSink:
             async with self._open().post(
                 self._url, data=body, headers=headers, allow_redirects=False
             ) as answer:
+                # The body is not read: a short one has already arrived and the connection
+                # is kept alive, a long one closes it (the relay holds no answer's body).
                 status = answer.status
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise DeliveryFailed(f"POST to {self._origin} failed: {self._reason(exc)}") from exc
