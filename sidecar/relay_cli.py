@@ -20,6 +20,7 @@ DEFAULT_NATS = "nats://127.0.0.1:4222"
 # receiver may do some work before it answers.
 NATS_TIMEOUT = 2.0
 WEBHOOK_TIMEOUT = 10.0
+HEADERS_ENV = "DBSIDECAR_RELAY_WEBHOOK_HEADERS"
 
 
 def add_parser(sub: Any) -> None:
@@ -42,7 +43,9 @@ def add_parser(sub: Any) -> None:
                       "instead (default $DBSIDECAR_RELAY_WEBHOOK)")  # fmt: skip
     relay.add_argument("--webhook-header", action="append", default=[], type=_header,
                        metavar="'NAME: VALUE'", help="a header of every webhook request, e.g. "
-                       "an Authorization (repeatable; its value is never logged)")  # fmt: skip
+                       "an Authorization (repeatable; its value is never logged). Secrets "
+                       f"belong in ${HEADERS_ENV} instead (one 'NAME: VALUE' per line): a "
+                       "command line is visible to every process")  # fmt: skip
     relay.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="how long one "
                        f"delivery may take (default {NATS_TIMEOUT:g} for NATS, "
                        f"{WEBHOOK_TIMEOUT:g} for a webhook)")  # fmt: skip
@@ -65,6 +68,22 @@ def _header(text: str) -> tuple[str, str]:
     except ValueError as exc:
         # argparse quotes the value of a ValueError, but only the message of this one.
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _env_headers() -> list[tuple[str, str]]:
+    """The webhook headers of ``$DBSIDECAR_RELAY_WEBHOOK_HEADERS``, one per line (from a
+    Kubernetes Secret, say): unlike the command line, no other process can read them."""
+    from .relay_webhook import parse_header
+
+    lines = [line for line in os.environ.get(HEADERS_ENV, "").splitlines() if line.strip()]
+    headers = []
+    for number, line in enumerate(lines, 1):
+        try:
+            headers.append(parse_header(line))
+        except ValueError as exc:
+            # The message names the problem, never the value (it is a secret).
+            raise ValueError(f"${HEADERS_ENV}, line {number}: {exc}") from None
+    return headers
 
 
 def _seconds(text: str) -> float:
@@ -97,8 +116,9 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
     try:
         kind, url = _target(args)
-        if kind == "nats" and args.webhook_header:
-            raise ValueError("--webhook-header goes with --webhook")
+        headers = [*args.webhook_header, *_env_headers()]
+        if kind == "nats" and headers:
+            raise ValueError(f"--webhook-header and ${HEADERS_ENV} go with --webhook")
     except ValueError as exc:
         print(f"dbsidecar relay: {exc}", file=sys.stderr)
         return 2
@@ -115,7 +135,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     metrics = relay.RelayMetrics(registry)
     try:
-        sink = _sink(kind, url, args.webhook_header, options)
+        sink = _sink(kind, url, headers, options)
         loops = [
             loop
             for name in args.database

@@ -31,6 +31,7 @@ class Relay:
         *,
         sink: Literal["nats", "webhook"] = "nats",
         options: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.metrics_port = free_port()
         self.log_path = workdir / f"relay-{self.metrics_port}.log"
@@ -39,10 +40,12 @@ class Relay:
                 str(sidecar.config_path), "--database", database, f"--{sink}", url,
                 "--batch", str(batch), "--max-backoff", "0.5", "--metrics-host", "127.0.0.1",
                 "--metrics-port", str(self.metrics_port), *options]  # fmt: skip
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, cwd=REPO,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO, env=environment,
+            )  # fmt: skip
         wait_until(self._serving, 30, "the relay's metrics endpoint")
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -188,13 +189,13 @@ def relays() -> Iterator[list[Relay]]:
 
 async def start_relay(
     relays: list[Relay], sidecar: SidecarProcess, receiver: Receiver, tmp_path: Path,
-    *options: str,
+    *options: str, env: dict[str, str] | None = None,
 ) -> Relay:  # fmt: skip
     # In a thread: Relay waits for the child's metrics port, and the receiver in this
     # event loop must answer the child meanwhile.
     relay = await asyncio.to_thread(
         Relay, sidecar, receiver.url, tmp_path, "webhook", BATCH, sink="webhook",
-        options=["--timeout", "5", *options],
+        options=["--timeout", "5", *options], env=env,
     )  # fmt: skip
     relays.append(relay)
     return relay
@@ -410,4 +411,32 @@ async def test_the_authorization_header_is_sent_and_never_logged(
         subprocess.run, argv, cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "--webhook-header" in done.stderr
+    assert token not in done.stderr + done.stdout
+
+
+@pytest.mark.usefixtures("handle")
+async def test_headers_from_the_environment_stay_off_the_command_line(
+    topology: LocalTopology, hook_sidecar: SidecarProcess, hook_db: str, receiver: Receiver,
+    relays: list[Relay], tmp_path: Path,
+) -> None:  # fmt: skip
+    token = uuid.uuid4().hex
+    SECRETS.add(token)
+    env = {"DBSIDECAR_RELAY_WEBHOOK_HEADERS": f"Authorization: Bearer {token}\nX-Tenant: shop\n"}
+    await append_all("env" + uuid.uuid4().hex[:6], streams=1, events=3, chunk=3)
+    relay = await start_relay(relays, hook_sidecar, receiver, tmp_path, env=env)
+    await drained(topology, hook_db)
+    cmdline = await asyncio.to_thread(Path(f"/proc/{relay.proc.pid}/cmdline").read_bytes)
+    assert await asyncio.to_thread(relay.stop) == 0
+    assert {r.headers["Authorization"] for r in receiver.requests} == {f"Bearer {token}"}
+    assert {r.headers["X-Tenant"] for r in receiver.requests} == {"shop"}
+    assert token.encode() not in cmdline and token not in relay.log_path.read_text()
+    # A malformed line is refused by its number, its value never shown.
+    argv = [sys.executable, "-m", "sidecar.cli", "relay", "--config",
+            str(hook_sidecar.config_path), "--database", "webhook",
+            "--webhook", receiver.url]  # fmt: skip
+    bad = {**os.environ, "DBSIDECAR_RELAY_WEBHOOK_HEADERS": f"Authorization Bearer {token}"}
+    done = await asyncio.to_thread(
+        subprocess.run, argv, cwd=REPO, env=bad, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "line 1" in done.stderr
     assert token not in done.stderr + done.stdout
