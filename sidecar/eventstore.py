@@ -18,7 +18,7 @@ commits, so within a category positions are taken and committed in one order and
 every snapshot sees a prefix of them; a category reader needs no lock. A reader of
 every stream (category None) also needs positions of different categories to commit
 in order, so appenders also hold a *shared* barrier lock, and that reader takes the
-barrier exclusively before it reads: then no appender is between taking a position
+barrier exclusively for its read (in a savepoint it rolls back to after): then no appender is between taking a position
 and committing, and appenders coming after it take larger positions. It tries first
 (``pg_try_advisory_xact_lock``, no waiting in front of appenders); appenders whose
 transactions overlap can keep the barrier busy for as long as they keep coming, so
@@ -32,6 +32,7 @@ primary, since a replica's locks are its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Sequence
@@ -72,6 +73,7 @@ _EXISTS_SQL = f"SELECT to_regclass('{EVENTS}') IS NOT NULL"
 _BARRIER_SQL = (
     f"SELECT to_regclass('{EVENTS}') IS NOT NULL, pg_try_advisory_xact_lock({BARRIER_LOCK}, 0)"
 )
+_LET_GO = "ROLLBACK TO SAVEPOINT dbsidecar_read; RELEASE SAVEPOINT dbsidecar_read"
 _SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', $1, true)"
 # The barrier (shared) and the category's lock, left to right. A reader of every stream
 # waits for the barrier only under a lock_timeout (a reader in a transaction that also
@@ -248,12 +250,28 @@ class ReadCategoryWork:
         return f"{sql} ORDER BY position LIMIT ${len(params)}", params
 
     async def __call__(self, conn: asyncpg.Connection, limit: float | None) -> Parts:
-        empty: Parts = (READ_COLUMNS, READ_KINDS, [], 0)
-        if self.category is None:
-            if not await _barrier(conn, limit):
-                return empty
-        elif not await conn.fetchval(_EXISTS_SQL, timeout=limit):
-            return empty
+        if self.category is not None:
+            if not await conn.fetchval(_EXISTS_SQL, timeout=limit):
+                return READ_COLUMNS, READ_KINDS, [], 0
+            return await self._read(conn, limit)
+        # The barrier is held for this read alone: taken in a savepoint and let go by
+        # rolling back to it (a read loses nothing). Kept to the transaction's end, one
+        # interactive transaction that read every stream and stayed open stopped every
+        # append on the primary for as long as it stayed open.
+        await conn.execute("SAVEPOINT dbsidecar_read", timeout=limit)
+        try:
+            if await _barrier(conn, limit):
+                parts = await self._read(conn, limit)
+            else:
+                parts = (READ_COLUMNS, READ_KINDS, [], 0)
+        except asyncpg.PostgresError:
+            with contextlib.suppress(asyncpg.PostgresError):
+                await conn.execute(_LET_GO, timeout=limit)
+            raise
+        await conn.execute(_LET_GO, timeout=limit)
+        return parts
+
+    async def _read(self, conn: asyncpg.Connection, limit: float | None) -> Parts:
         sql, params = self._sql()
         records = await conn.fetch(sql, *params, timeout=limit)
         rows = [(*r, self.shard) for r in records]
@@ -261,8 +279,9 @@ class ReadCategoryWork:
 
 
 async def _barrier(conn: asyncpg.Connection, limit: float | None) -> bool:
-    """Hold the barrier (no appender between its position and its commit) for the rest
-    of the transaction; False when there is no table yet or appenders kept it busy."""
+    """Hold the barrier (no appender between its position and its commit) until the
+    caller lets go of its savepoint; False when there is no table yet or appenders kept
+    it busy."""
     give_up = time.monotonic() + BARRIER_TRY
     while True:
         exists, held = await conn.fetchrow(_BARRIER_SQL, timeout=limit)

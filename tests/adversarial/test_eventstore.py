@@ -28,7 +28,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from client.eventstore import EventData, EventStore, RecordedEvent
+from client.eventstore import Checkpoint, EventData, EventStore, RecordedEvent
 from client.subscription import Subscription
 from client.transactions import Transaction
 from sidecar.storetables import BARRIER_LOCK
@@ -255,3 +255,77 @@ async def test_two_runs_of_one_subscription_commit_each_effect_once(primary) -> 
     )
     assert len(effects) == 200
     assert {n for _, n in effects} == {1}, "an event's effect committed twice"
+
+
+async def test_a_transaction_that_read_every_stream_blocks_no_appender(sidecar) -> None:
+    """Before: the reader of every stream kept the barrier, taken exclusively, until its
+    transaction ended, so one interactive transaction that read every stream and then
+    stayed open stopped every append on the primary, of every category, for as long as
+    it stayed open. Now the barrier is held for the read alone."""
+    stream = f"h{uuid.uuid4().hex[:10]}-1"
+
+    def append() -> dict[str, Any]:
+        return {"op": "append", "database": "orders", "stream": stream,
+                "events": [{"id": str(uuid.uuid4()), "type": "T"}]}  # fmt: skip
+
+    assert (await query(sidecar.url, append()))[0] == 200
+    status, body = await post(sidecar.url, "/v1/tx", {"database": "orders"})
+    assert status == 200, body
+    tx = body["id"]
+    try:
+        read = {"op": "read_category", "database": "orders", "after": {"": 0}, "limit": 1}
+        status, body = await post(sidecar.url, f"/v1/tx/{tx}", read)
+        assert status == 200 and body["rows"], body
+        # The transaction stays open; another caller's append goes through meanwhile.
+        timeout = aiohttp.ClientTimeout(total=5)
+        status, body = await post(sidecar.url, "/v1/query", append(), timeout=timeout)
+        assert status == 200, body
+        # The transaction is whole, and reads on.
+        status, body = await post(sidecar.url, f"/v1/tx/{tx}", read)
+        assert status == 200 and body["rows"], body
+        assert (await post(sidecar.url, f"/v1/tx/{tx}/commit", None))[0] == 200
+    finally:
+        await post(sidecar.url, f"/v1/tx/{tx}/rollback", None)
+
+
+@pytest.mark.usefixtures("handles")
+async def test_subscriptions_starting_at_once_on_a_new_database_all_start(topology) -> None:
+    """Before: a first run creates dbsidecar_subscriptions with CREATE TABLE IF NOT
+    EXISTS, which checks before it creates, so runs starting at once (pods of one
+    Deployment) collided in the catalog (a unique violation on pg_type; a PartialWrite on
+    a sharded database) and run() ended with that error. Seen in a full run; here the
+    other pod is a session that creates the table and commits while load() waits on it.
+    Now a collision is tried again."""
+    conn = await asyncpg.connect(server_dsn(topology, topology.primary, "orders"))
+    try:
+        await conn.execute("DROP TABLE IF EXISTS dbsidecar_subscriptions")
+        other = conn.transaction()
+        await other.start()
+        await conn.execute(_SUBSCRIPTIONS_TABLE)
+
+        async def handler(event: RecordedEvent, tx: Transaction | None) -> None:
+            raise AssertionError("no events in this category")
+
+        sub = Subscription("start", handler, category=f"n{uuid.uuid4().hex[:10]}")
+        loading = asyncio.create_task(sub.load())
+        # load()'s CREATE waits on the other pod's uncommitted row in pg_type.
+        await eventually(lambda: _waiting(conn), 30, "load() to wait on the catalog")
+        await other.commit()
+        assert await loading == Checkpoint()
+    finally:
+        await conn.close()
+
+
+_SUBSCRIPTIONS_TABLE = (
+    "CREATE TABLE dbsidecar_subscriptions (subscription text NOT NULL, "
+    "shard text NOT NULL, position bigint NOT NULL, PRIMARY KEY (subscription, shard))"
+)
+
+
+async def _waiting(conn: asyncpg.Connection) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'transactionid' "
+            "AND datname = current_database()"
+        )
+    )
