@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from wire.errors import ErrorCode
 from wire.protocol import OutboxMessage
 
 from . import storetables
@@ -65,6 +66,14 @@ _INSERT_SQL = (
     "RETURNING coalesce(octet_length(payload::text), 0) + coalesce(octet_length(headers::text), 0)"
 )
 
+# A message id among these that is queued with other contents, if any.
+_OTHER_SQL = (
+    "SELECT m.id FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[]) "
+    f"AS m(id, aggregate, subject, payload, headers) JOIN {OUTBOX} AS o ON o.message_id = m.id "
+    "WHERE (o.aggregate, o.subject, o.payload, o.headers) IS DISTINCT FROM "
+    "(m.aggregate, m.subject, m.payload::jsonb, m.headers::jsonb) LIMIT 1"
+)
+
 
 def _text(what: str, text: str, longest: int) -> None:
     if not text or len(text) > longest or "\x00" in text:
@@ -96,6 +105,20 @@ class OutboxWork:
         )
         if any(size > MAX_MESSAGE_BYTES for (size,) in sizes):
             raise _too_large()  # the write's transaction rolls back with it
+        if len(sizes) < len(self.ids):
+            # Ids queued already: the same message again (a retried write) adds nothing,
+            # another one under a queued id is refused. Dropped, it left a committed write
+            # without its message.
+            other = await conn.fetchval(
+                _OTHER_SQL, self.ids, self.aggregates, self.subjects, self.payloads,
+                self.headers, timeout=limit,
+            )  # fmt: skip
+            if other is not None:
+                raise SidecarError(
+                    ErrorCode.UNIQUE_VIOLATION,
+                    f"outbox message id {other} is queued already, with other contents: "
+                    "an id is one message (sent again, it must be the same)",
+                )
         return [], [], [], 0
 
 

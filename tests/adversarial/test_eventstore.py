@@ -329,3 +329,40 @@ async def _waiting(conn: asyncpg.Connection) -> bool:
             "AND datname = current_database()"
         )
     )
+
+
+async def test_a_reused_outbox_message_id_is_refused_not_dropped(sidecar, primary) -> None:
+    """Before: an outbox message whose id was queued already (ON CONFLICT DO NOTHING) was
+    acknowledged with its write and dropped, so a write committed without its message
+    (a careless caller reusing an id, e.g. one derived from the aggregate). An id is the
+    message: the same message again (a retried write) is still taken, and adds nothing;
+    another message under a queued id is a 409 and nothing of its write commits."""
+    stream = f"m{uuid.uuid4().hex[:10]}-1"
+    message_id = str(uuid.uuid4())
+
+    def append(payload: Any) -> dict[str, Any]:
+        message = {"id": message_id, "subject": "probe.reuse", "aggregate": stream,
+                   "payload": payload}  # fmt: skip
+        event = {"id": str(uuid.uuid4()), "type": "T"}
+        return {"op": "append", "database": "orders", "stream": stream, "events": [event],
+                "outbox": [message]}  # fmt: skip
+
+    try:
+        first = append({"n": 1})
+        assert (await query(sidecar.url, first))[0] == 200
+        again = {**first, "events": [{"id": str(uuid.uuid4()), "type": "T"}]}
+        assert (await query(sidecar.url, again))[0] == 200  # the same message: taken once
+        status, body = await query(sidecar.url, append({"n": 2}))
+        assert (status, body["error"]["code"]) == (409, "unique_violation"), body
+        held = await primary.fetch(
+            "SELECT payload::text FROM dbsidecar_outbox WHERE message_id = $1",
+            uuid.UUID(message_id),
+        )
+        assert [json.loads(r[0]) for r in held] == [{"n": 1}]
+        assert await primary.fetchval(
+            "SELECT count(*) FROM dbsidecar_events WHERE stream = $1", stream
+        ) == 2  # fmt: skip
+    finally:
+        await primary.execute(
+            "DELETE FROM dbsidecar_outbox WHERE message_id = $1", uuid.UUID(message_id)
+        )
