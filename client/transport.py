@@ -22,6 +22,7 @@ import msgspec
 from wire.errors import ErrorCode
 from wire.protocol import BundleResult, ChannelAnswer, ErrorEnvelope, Result
 
+from . import tracing
 from .channel import PATH, Dialer, Lost, NotRun, Refused
 from .errors import DbSidecarError, SidecarUnreachable, WriteOutcomeUnknown, from_error_body
 
@@ -116,6 +117,9 @@ class Transport:
         rid = request_id.get()
         if rid is not None:
             headers = {**(headers or {}), "X-Request-ID": rid}
+        trace = tracing.context()
+        if trace is not None:
+            headers = {**(headers or {}), **trace}
         limit = self.timeout if answer_within is None else aiohttp.ClientTimeout(answer_within)
         try:
             session = await self._client()
@@ -155,6 +159,11 @@ class Transport:
         rid = request_id.get()
         if rid is not None:
             fields += b',"request_id":' + msgspec.json.encode(rid)
+        trace = tracing.context()
+        if trace is not None:
+            for key in ("traceparent", "tracestate"):
+                if key in trace:
+                    fields += b',"' + key.encode() + b'":' + msgspec.json.encode(trace[key])
         try:
             answer = await dialer.call(fields)
         except NotRun:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import uvicorn
 from starlette.applications import Starlette
 
-from . import gauges, metrics
+from . import gauges, metrics, tracing
 from .api import data_app
 from .channel import Channels
 from .health import Prober
@@ -97,6 +97,8 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
     """Run the sidecar until a signal asks it to stop; returns the exit code."""
     began = time.monotonic()
     settings = config.current
+    # Read at start only: the exporter and its provider live as long as the process.
+    tracing.setup(settings.tracing)
     prober = Prober(lambda: state.runtime.settings.health)
     transactions = Transactions(lambda: state.runtime.settings.transactions)
     state = SidecarState(Runtime.first(settings, Topology({}, {})), prober, transactions, config)
@@ -165,5 +167,6 @@ async def serve(config: ConfigManager, announce: Callable[[str], None] = print) 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         metrics.registry.unregister(collector)
+        tracing.shutdown()  # the last spans, flushed
     announce("dbsidecar stopped")
     return 0

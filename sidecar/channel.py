@@ -1,12 +1,13 @@
 """The channel: one WebSocket (``GET /v1/channel``) carrying many plans at once.
 
 A client keeps one channel open and sends each plan, or a bundle of plans, as a text
-frame ``{"id", "plan" | "plans", "request_id"?}``; every frame runs as its own task and
-its answer ``{"id", "status", "result" | "items" | "error"}`` goes out when it is ready,
-so answers arrive in completion order (types in :mod:`wire.protocol`). Each plan goes
-through the data plane's :func:`~sidecar.api.serve` like an HTTP request (auth, request
-id, in-flight count for draining, metrics under ``/v1/query`` or ``/v1/bundle``,
-access log, error model), on the runtime snapshot of the moment it starts.
+frame ``{"id", "plan" | "plans", "request_id"?, "traceparent"?, "tracestate"?}``; every
+frame runs as its own task and its answer ``{"id", "status", "result" | "items" |
+"error"}`` goes out when it is ready, so answers arrive in completion order (types in
+:mod:`wire.protocol`). Each plan goes through the data plane's
+:func:`~sidecar.api.serve` like an HTTP request (auth, request id, in-flight count for
+draining, metrics under ``/v1/query`` or ``/v1/bundle``, access log, error model), on
+the runtime snapshot of the moment it starts.
 
 - The upgrade is refused with the error model's own answer: 401 ``unauthorized`` for a
   missing or wrong bearer token, 503 ``draining`` during shutdown.
@@ -127,7 +128,8 @@ class _Work:
     kind: str
     plans: int
     handler: api.Handler
-    request_id: str | None
+    # What HTTP would carry as headers: X-Request-ID, traceparent, tracestate.
+    context: dict[str, str]
 
 
 def _parse(data: str | bytes) -> _Work | None:
@@ -138,16 +140,28 @@ def _parse(data: str | bytes) -> _Work | None:
         frame_id = _frame_id(data)
         if frame_id is None:
             return None
-        return _Work(frame_id, "invalid", 1, functools.partial(_refuse, error), None)
+        return _Work(frame_id, "invalid", 1, functools.partial(_refuse, error), {})
+    context = _context(frame)
     if frame.plan is not None and frame.plans is None:
         run = functools.partial(api.run_plan, frame.plan)
-        return _Work(frame.id, "plan", 1, run, frame.request_id)
+        return _Work(frame.id, "plan", 1, run, context)
     if frame.plans is not None and frame.plan is None:
         run = functools.partial(api.run_bundle, frame.plans)
         # An empty bundle counts too: every frame in flight holds an answer.
-        return _Work(frame.id, "bundle", max(1, len(frame.plans)), run, frame.request_id)
+        return _Work(frame.id, "bundle", max(1, len(frame.plans)), run, context)
     error = SidecarError(ErrorCode.BAD_PLAN, "a frame holds either a plan or plans")
-    return _Work(frame.id, "invalid", 1, functools.partial(_refuse, error), frame.request_id)
+    return _Work(frame.id, "invalid", 1, functools.partial(_refuse, error), context)
+
+
+def _context(frame: ChannelRequest) -> dict[str, str]:
+    context = {}
+    if frame.request_id is not None:
+        context["x-request-id"] = frame.request_id
+    if frame.traceparent is not None:
+        context["traceparent"] = frame.traceparent
+        if frame.tracestate is not None:
+            context["tracestate"] = frame.tracestate
+    return context
 
 
 class Channel:
@@ -244,9 +258,7 @@ class Channel:
         task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, work: _Work, handler: api.Handler) -> None:
-        headers = self._headers
-        if work.request_id is not None:
-            headers = {**headers, "x-request-id": work.request_id}
+        headers = {**self._headers, **work.context} if work.context else self._headers
         try:
             status, payload, rid = await api.serve(
                 self.state, _ENDPOINTS[work.kind], headers, _no_body, {}, handler

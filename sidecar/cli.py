@@ -20,6 +20,7 @@ import yaml
 
 from . import __version__, logs, migration_cli, relay_cli, saga_view
 from .settings import ConfigError, Settings, load_settings
+from .tracing import TracingUnavailable
 
 DEFAULT_OPS = "http://127.0.0.1:9432"
 
@@ -53,7 +54,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     settings = config.current
     _logging(args.log_level or settings.logging.level, settings.logging.format)
-    return _run_loop(serve(config, announce=_announce))
+    try:
+        return _run_loop(serve(config, announce=_announce))
+    except TracingUnavailable as exc:
+        print(f"dbsidecar: {exc}", file=sys.stderr)
+        return 2
 
 
 def _announce(line: str) -> None:

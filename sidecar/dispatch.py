@@ -17,7 +17,7 @@ from wire.errors import ErrorCode
 from wire.protocol import AggregateQuery, BatchResult, Plan, ReadCategory, Result, Select
 from wire.values import wire_rows
 
-from . import merge, metrics, runner
+from . import merge, metrics, runner, tracing
 from .compiler import Compiled, Statement, too_many_rows
 from .errors import SidecarError, bad_plan
 from .eventstore import READ_COLUMNS
@@ -38,7 +38,16 @@ async def run(rt: Runtime, plan: Plan) -> Result:
     rt.topology.enter()
     try:
         checked = rt.compiler.compile(plan)  # values checked and decoded, once
-        return await _run(rt, runner.routed(rt, plan, checked), checked)
+        with (
+            tracing.span("dbsidecar.route", {"db.namespace": plan.database,
+                                             "dbsidecar.op": runner.plan_op(plan)})
+            if tracing.ENABLED else tracing.NO_SPAN
+        ) as span:  # fmt: skip
+            r = runner.routed(rt, plan, checked)
+            if span is not None:
+                span.set_attribute("dbsidecar.shards", len(r.targets))
+                span.set_attribute("dbsidecar.intent", r.intent.name.lower())
+        return await _run(rt, r, checked)
     finally:
         rt.topology.leave()
 

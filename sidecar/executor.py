@@ -19,7 +19,7 @@ from wire.errors import ErrorCode
 from wire.protocol import Result, ServedBy
 from wire.values import wire_rows
 
-from . import metrics
+from . import metrics, tracing
 from .compiler import Compiled, Statement, too_many_rows
 from .errors import (
     SidecarError,
@@ -122,7 +122,12 @@ async def acquire(node: Node, acquire_timeout: float) -> asyncpg.Connection:
         # (and the callers queued behind it wait for that). asyncio.timeout, not the pool's
         # timeout argument, which wraps every acquire in a task of its own.
         async with asyncio.timeout(acquire_timeout):
-            conn = await node.pool.acquire()
+            if tracing.ENABLED:
+                attributes = {"dbsidecar.node": node.name, "dbsidecar.shard": node.shard_label}
+                with tracing.span("dbsidecar.pool.acquire", attributes):
+                    conn = await node.pool.acquire()
+            else:
+                conn = await node.pool.acquire()
     except TimeoutError:
         metrics.acquire_timeouts(node.db_label, node.shard_label, node.name).inc()
         raise SidecarError(

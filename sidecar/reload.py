@@ -92,6 +92,8 @@ def _register_secrets(settings: Settings) -> None:
     with them (a reload may bring new passwords)."""
     logs.register_secret(settings.auth_token)
     logs.register_secret(os.environ.get("CONSUL_HTTP_TOKEN"))
+    for value in settings.tracing.headers.values():
+        logs.register_secret(value)
     for name, db in settings.databases.items():
         nodes = [db.primary, *db.replicas] + [
             n for s in db.shards for n in (s.primary, *s.replicas)

@@ -22,7 +22,7 @@ import asyncpg
 from wire.errors import ErrorCode
 from wire.protocol import Plan, Raw
 
-from . import metrics
+from . import metrics, tracing
 from .compiler import Compiled
 from .errors import SidecarError, connection_lost, from_exception, is_closed
 from .executor import (
@@ -149,7 +149,13 @@ async def observed(
     began = time.perf_counter()
     outcome = "ok"
     try:
-        return await work
+        if not tracing.ENABLED:
+            return await work
+        with tracing.span("dbsidecar.execute", {
+            "db.system.name": "postgresql", "db.namespace": db.name, "dbsidecar.op": op,
+            "dbsidecar.shard": shard.name, "dbsidecar.node": node.name, "dbsidecar.role": role,
+        }):  # fmt: skip
+            return await work
     except SidecarError as exc:
         outcome = exc.code
         raise

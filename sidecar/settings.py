@@ -263,6 +263,21 @@ class LoggingSettings(_Section):
     slow_query_ms: float = 1000.0
 
 
+class TracingSettings(_Section):
+    """OpenTelemetry spans of the request path (:mod:`sidecar.tracing`); off unless an
+    endpoint is set. Read at start only."""
+
+    # An OTLP/HTTP traces endpoint, e.g. http://otel-collector:4318/v1/traces.
+    otlp_endpoint: str | None = None
+    service_name: str = "dbsidecar"
+    # Of the traces the sidecar starts itself (a caller's sampling decision wins).
+    sample_ratio: float = 1.0
+    # Sent with every export (an API key, say): secrets, masked like passwords.
+    headers: dict[str, str] = {}
+    # Seconds between exports of the buffered spans.
+    export_interval: float = 5.0
+
+
 class ConsulSettings(_Section):
     address: str = "127.0.0.1:8500"
     scheme: Literal["http", "https"] = "http"
@@ -334,6 +349,7 @@ class Settings(_Section):
     readiness: ReadinessSettings = msgspec.field(default_factory=ReadinessSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
+    tracing: TracingSettings = msgspec.field(default_factory=TracingSettings)
 
 
 def _seed_shape(name: str, entry: Any) -> Any:
@@ -380,6 +396,10 @@ def _check(settings: Settings) -> None:
     if settings.coalescing.max_plans < 2:
         raise ConfigError("coalescing.max_plans: must be at least 2 (or set enabled: false)")
     _check_registry(settings.registry)
+    if not 0.0 <= settings.tracing.sample_ratio <= 1.0:
+        raise ConfigError("tracing.sample_ratio: a share of the traces, from 0 to 1")
+    if settings.tracing.export_interval <= 0:
+        raise ConfigError("tracing.export_interval: seconds, above 0")
     seen_nodes: set[str] = set()
     for name, db in settings.databases.items():
         where = f"databases.{name}"

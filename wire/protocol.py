@@ -275,6 +275,9 @@ class ChannelRequest(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     plans: list[Plan] | None = None
     # Logged by the sidecar with the plan (as X-Request-ID on HTTP).
     request_id: str | None = None
+    # The caller's W3C trace context (as the traceparent/tracestate headers on HTTP).
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 class ChannelAnswer(msgspec.Struct, omit_defaults=True):
