@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,6 +83,15 @@ class Sink(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+# Seconds a relay's session may stay silent before PostgreSQL ends it (idle_session_timeout)
+# and with it the session's lock. Without it a leader that froze (a stopped process, a
+# paused VM, a network partition) kept its session, so its lock, until TCP keepalive gave
+# up (2 hours by Linux's defaults; never while the frozen host's kernel still answers),
+# and no standby delivered meanwhile. A live relay never stays silent that long: it
+# polls, and a long batch touches the session (see ShardRelay._batch).
+RELAY_LEASE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +195,11 @@ class ShardRelay:
         self._lag.set(rows[0]["age"] if rows else 0)
         done: list[int] = []
         failed = False
+        touched = time.monotonic()
         for row in rows:
+            if time.monotonic() - touched > RELAY_LEASE / 4:
+                await conn.execute("SELECT 1")  # alive: the lease (see RELAY_LEASE) goes on
+                touched = time.monotonic()
             message = Message(str(row["message_id"]), row["subject"], row["aggregate"],
                               row["payload"], row["headers"] or {})  # fmt: skip
             try:
@@ -230,7 +244,13 @@ def shard_relays(
             raise ValueError(f"database {database!r} shard {name!r} names no primary node")
         where = f"{database}/{name}" if name else database
         kwargs = connect_kwargs(node, database, where)
-        kwargs["server_settings"] = {"application_name": "dbsidecar-relay"}
+        # Longer than any wait of the loop's, whatever the options say.
+        lease = max(RELAY_LEASE, 4 * max(options.max_backoff, options.max_poll),
+                    2 * options.publish_timeout)  # fmt: skip
+        kwargs["server_settings"] = {
+            "application_name": "dbsidecar-relay",
+            "idle_session_timeout": str(int(lease * 1000)),
+        }
         # A frozen server fails the loop's statements (and it connects again) instead of
         # holding the relay for ever.
         kwargs["command_timeout"] = options.publish_timeout * 10

@@ -16,6 +16,7 @@ delivered.
 from __future__ import annotations
 
 import json
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -122,3 +123,41 @@ async def test_messages_the_broker_refuses_for_ever_are_refused_when_written(
 
 async def _none(count: Any) -> bool:
     return await count == 0
+
+
+async def test_a_frozen_leader_hands_over_to_a_standby(
+    topology: LocalTopology, relay_sidecar: SidecarProcess, relay_db: str,  # noqa: F811
+    broker: NatsServer, relays: list[Relay], tmp_path: Path,  # noqa: F811
+) -> None:  # fmt: skip
+    """Before: the leader's session lock stayed with its session, and PostgreSQL keeps a
+    session whose client went silent (a frozen process, a paused VM, a network partition)
+    until TCP keepalive gives up (2 hours by Linux's defaults; never, while the frozen
+    host's kernel still answers), so no standby delivered meanwhile. Now the relay's
+    session ends after RELAY_LEASE idle seconds (idle_session_timeout) and a live leader
+    never idles that long, so a standby takes over."""
+    from sidecar.relay import RELAY_LEASE
+
+    leader = Relay(relay_sidecar, broker.url, tmp_path, "relay", 10)
+    relays.append(leader)
+    await eventually(
+        lambda: _true(leader.metric("dbsidecar_relay_leader") == 1), 30, "a leader"
+    )  # fmt: skip
+    standby = Relay(relay_sidecar, broker.url, tmp_path, "relay", 10)
+    relays.append(standby)
+    leader.proc.send_signal(signal.SIGSTOP)  # frozen: its sockets stay open
+    try:
+        plan = {"op": "raw", "database": "relay", "writes": True, "sql": "SELECT 1",
+                "outbox": [_message(payload="after the freeze")]}  # fmt: skip
+        status, body = await query(relay_sidecar.url, plan)
+        assert status == 200, body
+        await eventually(
+            lambda: _none(outbox_size(topology, relay_db)), RELAY_LEASE + 30,
+            "the standby to deliver",
+        )  # fmt: skip
+        assert standby.metric("dbsidecar_relay_leader") == 1
+    finally:
+        leader.proc.send_signal(signal.SIGCONT)
+
+
+async def _true(value: bool) -> bool:
+    return value
