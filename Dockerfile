@@ -34,9 +34,10 @@ COPY devstack/ ./devstack/
 # All dependencies publish manylinux wheels for amd64 and arm64, so no compiler
 # is installed here either. If a platform ever lacks one, add build-essential
 # to this stage only; the runtime stage stays compiler-free regardless.
-# With the `relay` extra: the same image runs `dbsidecar relay` (the outbox relay).
+# With the `relay` extra the same image runs `dbsidecar relay` (the outbox relay), and
+# with `tracing` it exports spans when tracing.otlp_endpoint is set.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip wheel --wheel-dir /wheels '.[relay]'
+    pip wheel --wheel-dir /wheels '.[relay,tracing]'
 
 # ---------------------------------------------------------------------------
 # runtime
@@ -83,9 +84,9 @@ RUN groupadd --system --gid 65532 dbsidecar \
 # the removed packages.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-cache-dir --disable-pip-version-check --no-index \
-        --find-links=/wheels "$(echo /wheels/dbsidecar-*.whl)[relay]" \
+        --find-links=/wheels "$(echo /wheels/dbsidecar-*.whl)[relay,tracing]" \
  && pip uninstall --yes setuptools wheel pip \
- && python -c "import sidecar.app, sidecar.reload, sidecar.cli, sidecar.relay_nats, sidecar.relay_webhook, client" \
+ && python -c "import sidecar.app, sidecar.reload, sidecar.cli, sidecar.relay_nats, sidecar.relay_webhook, client, opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.http.trace_exporter" \
  && dbsidecar --version
 
 # No HEALTHCHECK: Kubernetes ignores it and uses the startup/liveness/readiness
