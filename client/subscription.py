@@ -127,10 +127,15 @@ class Subscription:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Catch up from the stored checkpoint, then follow new events until ``stop``."""
-        await self.load()
+        loaded = False
         wait = self.min_wait
         while not stop.is_set():
             try:
+                # Loaded in the loop: a first request that failed (the sidecar container
+                # not ready yet) ended run() for good when it came before it.
+                if not loaded:
+                    await self.load()
+                    loaded = True
                 handled = await self.step()
             except Exception:
                 # The handler's failure or the sidecar's: the page comes again after the

@@ -20,6 +20,7 @@ without a gap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from typing import Any
@@ -28,6 +29,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from client import ConnectionManager
 from client.eventstore import Checkpoint, EventData, EventStore, RecordedEvent
 from client.subscription import Subscription
 from client.transactions import Transaction
@@ -366,3 +368,67 @@ async def test_a_reused_outbox_message_id_is_refused_not_dropped(sidecar, primar
         await primary.execute(
             "DELETE FROM dbsidecar_outbox WHERE message_id = $1", uuid.UUID(message_id)
         )
+
+
+class _Gate:
+    """A listener in front of the sidecar: closes every connection until opened, then
+    forwards them (a pod whose app starts before its sidecar container is ready)."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.open, self.refused = port, False, 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.open:
+            self.refused += 1
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+@pytest.mark.usefixtures("handles")
+async def test_a_subscription_started_before_its_sidecar_is_ready_waits_for_it(
+    sidecar,
+) -> None:
+    """Before: run() loaded the checkpoint outside its retry loop, so a subscription
+    whose first request failed (the sidecar container not ready yet, a restart) ended
+    run() with that error and never ran again. Now the first load is retried too."""
+    gate = _Gate(int(sidecar.url.rsplit(":", 1)[1]))
+    url = await gate.start()
+    ConnectionManager.configure(
+        {"late": {"sidecar": url, "database": "orders", "transport": "http"}}
+    )  # fmt: skip
+    cat = f"l{uuid.uuid4().hex[:10]}"
+    seen: list[RecordedEvent] = []
+
+    async def handler(event: RecordedEvent, tx: Transaction | None) -> None:
+        seen.append(event)
+
+    stop = asyncio.Event()
+    sub = Subscription("late", handler, category=cat, using="late", max_wait=0.1)
+    task = asyncio.create_task(sub.run(stop))
+    try:
+        await eventually(lambda: _true(gate.refused >= 2 or task.done()), 30, "a refusal")
+        gate.open = True
+        await EventStore.append(f"{cat}-1", [EventData("E")])
+        await eventually(lambda: _true(len(seen) == 1 or task.done()), 30, "the event")
+        assert not task.done(), task.exception()
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        await ConnectionManager.get("late").close()
+        assert gate.server is not None
+        gate.server.close()
