@@ -10,23 +10,23 @@ under a lock, so of two appends expecting the same version one wins and the othe
 whose ids are all there already, in the same stream and order, answers what the first
 one did and adds nothing (a retried append is idempotent).
 
-Gap safety (the bug of stores that order readers by a sequence: a position is taken
-at insert and becomes visible at commit, so a reader that saw 11 can miss 10 committed
-a moment later). The remedy is message-db's: every appender takes a transaction-level
-advisory lock on its category before it takes a position and keeps it until it
-commits, so within a category positions are taken and committed in one order and
-every snapshot sees a prefix of them; a category reader needs no lock. A reader of
-every stream (category None) also needs positions of different categories to commit
-in order, so appenders also hold a *shared* barrier lock, and that reader takes the
-barrier exclusively for its read (in a savepoint it rolls back to after): then no appender is between taking a position
-and committing, and appenders coming after it take larger positions. It tries first
-(``pg_try_advisory_xact_lock``, no waiting in front of appenders); appenders whose
-transactions overlap can keep the barrier busy for as long as they keep coming, so
-after ``BARRIER_TRY`` seconds it queues for it, at most ``BARRIER_QUEUE`` seconds
-(PostgreSQL lets no shared lock pass a queued exclusive one, so new appenders wait
-behind it while those in flight commit). When even that fails the read answers no
-events (never events past a gap), and the caller asks again. Such a read runs on the
-primary, since a replica's locks are its own.
+Gap safety (the bug of stores that order readers by a sequence: a position is taken at
+insert and becomes visible at commit, so a reader that saw 11 can miss 10 committed a
+moment later). The remedy is message-db's: every appender takes a transaction-level
+advisory lock on its category before it takes a position and keeps it until it commits,
+so within a category positions are taken and committed in one order and every snapshot
+sees a prefix of them; a category reader needs no lock. A reader of every stream
+(category None) also needs positions of different categories to commit in order, so
+appenders also hold a *shared* barrier lock, and that reader takes the barrier
+exclusively for its read (in a savepoint it rolls back to after): then no appender is
+between taking a position and committing, and appenders coming after it take larger
+positions. It tries first (``pg_try_advisory_xact_lock``, no waiting in front of
+appenders); appenders whose transactions overlap can keep the barrier busy for as long
+as they keep coming, so after ``BARRIER_TRY`` seconds it queues for it, at most
+``BARRIER_QUEUE`` seconds (PostgreSQL lets no shared lock pass a queued exclusive one,
+so new appenders wait behind it while those in flight commit). When even that fails the
+read answers no events (never events past a gap), and the caller asks again. Such a read
+runs on the primary, since a replica's locks are its own.
 """
 
 from __future__ import annotations
