@@ -30,8 +30,6 @@ from . import logs, metrics
 from .health import Prober
 from .patroni_rest import PatroniRest
 from .registry import Registry
-from .registry_consul import ConsulRegistry
-from .registry_etcd import EtcdRegistry
 from .runtime import Runtime
 from .settings import (
     ConfigError,
@@ -176,12 +174,17 @@ class ConfigManager:
             self._background(self._watch_file())
 
     def _open_registry(self) -> Registry | None:
+        # Imported only when configured: etcd's client brings gRPC (~10 MiB resident).
         bootstrap = self.bootstrap.registry
         if bootstrap.consul is not None:
+            from .registry_consul import ConsulRegistry
+
             return ConsulRegistry(
                 bootstrap.consul, bootstrap.key, self._on_document, self._on_catalog
             )
         if bootstrap.etcd is not None:
+            from .registry_etcd import EtcdRegistry
+
             return EtcdRegistry(bootstrap.etcd, bootstrap.key, self._on_document, self._on_catalog)
         return None
 

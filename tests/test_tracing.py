@@ -188,10 +188,12 @@ async def test_an_untraced_call_starts_no_trace_of_the_apps(
 
 def test_off_by_default_nothing_of_opentelemetry_is_loaded() -> None:
     """The request path's modules, loaded as `dbsidecar run` loads them, import no
-    OpenTelemetry while tracing is not configured (the hot path checks one flag)."""
+    OpenTelemetry while tracing is not configured (the hot path checks one flag), nor
+    any other optional client: etcd's (gRPC, ~10 MiB resident), NATS'."""
     code = (
-        "import sys, sidecar.app, sidecar.cli, client; "
-        "loaded = sorted(m for m in sys.modules if m.startswith('opentelemetry')); "
+        "import sys, sidecar.app, sidecar.cli, sidecar.reload, client; "
+        "loaded = sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('opentelemetry', 'aetcd', 'grpc', 'nats')); "
         "print(loaded); sys.exit(1 if loaded else 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
