@@ -26,7 +26,7 @@ from wire.protocol import ALL_SHARDS, Raw, Route
 from wire.values import Json, encode_value
 
 from .connection import DatabaseHandle
-from .errors import DbSidecarError, UniqueViolation
+from .errors import DbSidecarError, PartialWrite, UniqueViolation
 from .results import Rows, decode
 from .transactions import Transaction
 
@@ -148,8 +148,12 @@ async def _create_table(db: DatabaseHandle, sql: str, shard: str | None = None) 
             # waited on until the other committed) or as "already exists" (42P07, the
             # other committed between the check and the insert; 42710 "type ... already
             # exists" when that happened between the check and the table's row type).
-            # Once the other has committed, the next try finds the table.
-            collided = isinstance(exc, UniqueViolation) or exc.sqlstate in ("42P07", "42710")
+            # Once the other has committed, the next try finds the table. On every shard
+            # of a sharded database, a collision on some shards arrives inside a
+            # PartialWrite (the others created it or had it).
+            collided = isinstance(exc, UniqueViolation | PartialWrite) or exc.sqlstate in (
+                "42P07", "42710"
+            )  # fmt: skip
             if not collided or attempt == _CREATE_ATTEMPTS - 1:
                 raise
 

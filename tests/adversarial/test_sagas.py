@@ -19,9 +19,11 @@ import pytest
 from client import ConnectionManager, saga_log
 from client.saga import Orchestrator, Saga, Step
 from client.transactions import Transaction
+from devstack.topology import USER_SHARDS, shard_server
 from sidecar import saga_view
 from wire.protocol import Raw
 
+from ..conftest import server_dsn
 from ..harness import SidecarProcess, eventually
 from ..test_saga import saga_dbs
 
@@ -281,3 +283,34 @@ async def test_pods_installing_the_log_at_once_never_fail(
             assert await payments.fetchval("SELECT to_regclass('dbsidecar_sagas')")
     finally:
         await payments.execute("DROP TABLE IF EXISTS dbsidecar_sagas")
+
+
+async def test_pods_installing_a_sharded_ledger_at_once_never_fail(topology) -> None:
+    """Before: the ledger of a sharded step database is created on every shard at once,
+    so a pod colliding with another on one shard got a PartialWrite (the other shards
+    had the table), which install() did not take for a collision: it failed. Here the
+    other pod is a session creating the ledger on user_shard_1 that commits while the
+    install waits on its catalog row."""
+    conn = await asyncpg.connect(server_dsn(topology, shard_server(topology, 1), USER_SHARDS[1]))
+    users = ConnectionManager.get("users")
+    try:
+        await conn.execute("DROP TABLE IF EXISTS dbsidecar_saga_steps")
+        other = conn.transaction()
+        await other.start()
+        await conn.execute(saga_log._CREATE_LEDGER)
+        installing = asyncio.create_task(saga_log.install_ledger(users, sharded=True))
+
+        async def waiting() -> bool:
+            return bool(
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'transactionid'"
+                    " AND datname = current_database()"
+                )
+            )
+
+        await eventually(waiting, 30, "the install to wait on the catalog")
+        await other.commit()
+        await installing
+        assert await conn.fetchval("SELECT to_regclass('dbsidecar_saga_steps') IS NOT NULL")
+    finally:
+        await conn.close()
