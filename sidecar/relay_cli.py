@@ -145,7 +145,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
         print(f"dbsidecar relay: {exc}; install it with pip install 'dbsidecar[relay]'",
               file=sys.stderr)  # fmt: skip
         return 2
-    except ValueError as exc:
+    except (ValueError, ConfigError) as exc:
+        # ConfigError: a node's password_env that is not set (read when connecting).
         print(f"dbsidecar relay: {exc}", file=sys.stderr)
         return 2
     start_http_server(args.metrics_port, args.metrics_host, registry=registry)

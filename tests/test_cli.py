@@ -54,6 +54,23 @@ def test_run_refuses_invalid_configuration_with_a_clear_message(tmp_path: Path) 
     assert "databases.orders.primary" in result.stderr
 
 
+def test_relay_names_a_password_variable_that_is_not_set(tmp_path: Path) -> None:
+    # The password is resolved when the relay builds its connections, after the
+    # configuration loaded: it ended in a traceback (exit 1), not a message (exit 2).
+    config = tmp_path / "relay.yaml"
+    config.write_text("databases: {orders: {primary: {host: db, database: orders, "
+                      "password_env: DBSIDECAR_TEST_UNSET_PW}}}\n")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "DBSIDECAR_TEST_UNSET_PW"}
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "relay", "--config", str(config),
+         "--database", "orders", "--webhook", "http://127.0.0.1:9/hook"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "DBSIDECAR_TEST_UNSET_PW is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_wait_times_out_when_nothing_listens() -> None:
     result = run_cli("wait", "--ops", "http://127.0.0.1:9", "--timeout", "300ms")
     assert result.returncode == 1 and "not up" in result.stderr
