@@ -54,19 +54,28 @@ class PatroniRest:
         self.on_catalog = on_catalog
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._seen: dict[str, asyncio.Event] = {}
+        # The settings each poll runs with.
+        self._clusters: dict[str, PatroniSettings] = {}
         self._session: aiohttp.ClientSession | None = None
 
     def watch(self, clusters: dict[str, PatroniSettings]) -> None:
-        """Follow exactly these clusters (start new polls, stop dropped ones)."""
+        """Follow exactly these clusters (start new polls, restart those whose settings
+        changed, stop dropped ones)."""
         for name, cluster in clusters.items():
-            if name not in self._tasks:
-                self._seen[name] = asyncio.Event()
-                self._tasks[name] = asyncio.create_task(
-                    self._poll(name, cluster), name=f"patroni rest {name}"
-                )
+            if name in self._tasks and self._clusters[name] == cluster:
+                continue
+            # A reload that changes a cluster's rest addresses or interval (same scope)
+            # restarts its poll: kept running with the old ones, it ignored the change.
+            if name in self._tasks:
+                self._tasks.pop(name).cancel()
+            self._seen.setdefault(name, asyncio.Event())
+            self._clusters[name] = cluster
+            self._tasks[name] = asyncio.create_task(
+                self._poll(name, cluster), name=f"patroni rest {name}"
+            )
         for name in list(self._tasks.keys() - clusters.keys()):
             self._tasks.pop(name).cancel()
-            del self._seen[name]
+            del self._seen[name], self._clusters[name]
 
     async def seen(self, within: float) -> bool:
         """Wait until every cluster answered once; False if that took too long."""
@@ -90,8 +99,9 @@ class PatroniRest:
                 await self._session.close()
 
     async def _poll(self, name: str, cluster: PatroniSettings) -> None:
-        # Configured members first, then those the cluster reported.
-        urls = [u.rstrip("/") for u in cluster.rest]
+        # Configured members first, then those the cluster's last answer reported.
+        configured = [u.rstrip("/") for u in cluster.rest]
+        urls = list(configured)
         reported: list[CatalogNode] | None = None
         failing = False
         # An answer may take up to an interval (at least a second): a member that accepts
@@ -111,6 +121,10 @@ class PatroniRest:
                     log.warning("Patroni REST API at %s answers", url)
                 failing = False
                 found = cluster_members(document)
+                # Only the last answer's members: kept from every answer, the addresses
+                # of members long gone (a rescheduled pod's old IP) piled up for as long
+                # as the sidecar ran, each tried in turn while the configured ones fail.
+                urls = list(configured)
                 for member in document.get("members") or []:
                     base = _api_base(str(member.get("api_url") or ""))
                     if base is not None and base not in urls:

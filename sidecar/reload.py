@@ -96,6 +96,14 @@ def _register_secrets(settings: Settings) -> None:
         nodes = [db.primary, *db.replicas] + [
             n for s in db.shards for n in (s.primary, *s.replicas)
         ]
+        # The template every node found in Consul's catalog or a Patroni cluster connects
+        # with: its password is as secret as a listed node's.
+        nodes += [
+            found.node
+            for holder in (db, *db.shards)
+            for found in (holder.service, holder.patroni)
+            if found is not None
+        ]
         for node in nodes:
             if node is not None:
                 with contextlib.suppress(ConfigError):

@@ -3,14 +3,19 @@ databases that follow a Patroni cluster (no servers needed)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 
+import aiohttp
 import pytest
 
+from sidecar import logs
 from sidecar.patroni import members
-from sidecar.patroni_rest import cluster_members
+from sidecar.patroni_rest import PatroniRest, cluster_members
 from sidecar.registry_etcd import _range_end
-from sidecar.settings import ConfigError, build_settings
+from sidecar.reload import _register_secrets
+from sidecar.settings import ConfigError, PatroniSettings, build_settings
 from sidecar.topology import CatalogNode, build
 
 PREFIX = b"/service/pg/"
@@ -123,3 +128,116 @@ def test_a_patroni_database_becomes_nodes_named_after_the_scope() -> None:
 def test_etcd_and_patroni_settings_are_checked(document: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_settings(document)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"databases": {"orders": {"patroni": {**PATRONI, "rest": ["http://db-a:8008"]}}}},
+        {
+            "registry": {"consul": {}},
+            "databases": {"orders": {"service": {"name": "pg", "node": PATRONI["node"]}}},
+        },
+        {
+            **ETCD,
+            "databases": {
+                "orders": {
+                    "sharding": {"function": "modulo", "key": "id"},
+                    "shards": [{"name": "s0", "patroni": PATRONI}],
+                }
+            },
+        },
+    ],
+    ids=["patroni-rest", "consul-service", "shard-patroni"],
+)
+def test_the_password_discovered_nodes_connect_with_is_masked(
+    document: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes found in a catalog connect with the section's node template: its password is
+    registered as a secret like a listed node's (it was not, so a log line quoting it
+    showed it)."""
+    secret = f"template-pw-{uuid.uuid4().hex}"
+    monkeypatch.setenv("PW", secret)
+    _register_secrets(build_settings(document))
+    assert secret not in logs.redact(f"connecting with {secret}")
+
+
+async def test_rest_polling_forgets_members_the_cluster_no_longer_reports() -> None:
+    """Each answer's members are where to ask next; one no longer reported (a rescheduled
+    pod's old address) is not asked again. Kept from every answer, they piled up, and
+    while the configured member failed every one of them was tried, in turn, each poll."""
+    seed = "http://seed:8008"
+    answers = 0
+    failing = False
+    tried: list[str] = []
+    round_done = asyncio.Event()
+
+    async def get(url: str) -> dict:
+        nonlocal answers, failing
+        url = url.removesuffix("/cluster")
+        tried.append(url)
+        if not failing:
+            answers += 1
+            failing = answers == 20
+            # The leader moved to a new address each time (the old one is gone).
+            return {"members": [{"name": "a", "role": "leader", "host": f"db-{answers}",
+                                 "port": 5432,
+                                 "api_url": f"http://db-{answers}:8008/patroni"}]}  # fmt: skip
+        if url == seed and tried.count(seed) > answers + 1:
+            round_done.set()  # the seed failed twice: a whole round in between
+        raise aiohttp.ClientConnectionError("down")
+
+    async def on_catalog(name: str, found: list[CatalogNode]) -> None:
+        return None
+
+    poller = PatroniRest(on_catalog)
+    poller._get = get  # type: ignore[method-assign]
+    settings = build_settings(
+        {"databases": {"orders": {"patroni": {**PATRONI, "rest": [seed], "interval": 0.001}}}}
+    )
+    cluster = settings.databases["orders"].patroni
+    assert cluster is not None
+    poller.watch({cluster.prefix: cluster})
+    try:
+        await asyncio.wait_for(round_done.wait(), 10)
+    finally:
+        await poller.stop()
+    first_failure = tried.index(seed, answers)
+    last_round = tried[first_failure + 1 : tried.index(seed, first_failure + 1)]
+    assert last_round == ["http://db-20:8008"], last_round
+
+
+async def test_a_reload_changing_the_rest_addresses_polls_the_new_ones() -> None:
+    """Before: a cluster's poll kept the settings it started with, so a reload giving the
+    same scope other rest addresses (or interval) changed nothing until a restart."""
+    asked: dict[str, asyncio.Event] = {"old": asyncio.Event(), "new": asyncio.Event()}
+
+    async def get(url: str) -> dict:
+        asked["old" if url.startswith("http://old") else "new"].set()
+        return {"members": [{"name": "a", "role": "leader", "host": "db-a", "port": 5432}]}
+
+    async def on_catalog(name: str, found: list[CatalogNode]) -> None:
+        return None
+
+    def cluster(rest: str) -> PatroniSettings:
+        document = {"patroni": {**PATRONI, "rest": [rest], "interval": 0.01}}
+        found = build_settings({"databases": {"orders": document}}).databases["orders"].patroni
+        assert found is not None
+        return found
+
+    poller = PatroniRest(on_catalog)
+    poller._get = get  # type: ignore[method-assign]
+    try:
+        old = cluster("http://old:8008")
+        poller.watch({old.prefix: old})
+        await asyncio.wait_for(asked["old"].wait(), 10)
+        first = poller._tasks[old.prefix]
+        poller.watch({old.prefix: old})  # unchanged: the same poll goes on
+        assert poller._tasks == {old.prefix: first}
+        new = cluster("http://new:8008")
+        poller.watch({new.prefix: new})
+        await asyncio.wait_for(asked["new"].wait(), 10)
+        await asyncio.gather(first, return_exceptions=True)
+        assert first.cancelled()  # the poll of the old addresses is gone
+    finally:
+        await poller.stop()
