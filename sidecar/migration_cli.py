@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import sys
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 import msgspec
 
@@ -57,18 +55,8 @@ def _settings(path: str | None) -> Settings:
         settings = load_settings(path)
     except ConfigError as exc:
         raise _Invalid(f"invalid configuration: {exc}") from None
-    for db in settings.databases.values():
-        for node in [db.primary, *db.replicas] + [
-            n for s in db.shards for n in (s.primary, *s.replicas)
-        ]:
-            if node is None:
-                continue
-            # Masked wherever it came from: the document, the environment or a DSN.
-            logs.register_secret(node.password)
-            if node.password_env:
-                logs.register_secret(os.environ.get(node.password_env))
-            if node.dsn:
-                logs.register_secret(urlsplit(node.dsn).password)
+    for secret in settings.secrets():
+        logs.register_secret(secret)
     return settings
 
 

@@ -127,6 +127,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dbsidecar relay: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    for secret in settings.secrets():
+        logs.register_secret(secret)
     logs.setup(args.log_level, settings.logging.format)
     timeout = args.timeout or (NATS_TIMEOUT if kind == "nats" else WEBHOOK_TIMEOUT)
     options = relay.RelayOptions(

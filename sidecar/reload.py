@@ -24,7 +24,6 @@ import time
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
-from urllib.parse import urlsplit
 
 from . import logs, metrics
 from .health import Prober
@@ -88,28 +87,8 @@ def _rest_clusters(settings: Settings) -> dict[str, PatroniSettings]:
 def _register_secrets(settings: Settings) -> None:
     """Mask every secret of these settings in logs and answers, before anything runs
     with them (a reload may bring new passwords)."""
-    logs.register_secret(settings.auth_token)
-    logs.register_secret(os.environ.get("CONSUL_HTTP_TOKEN"))
-    for value in settings.tracing.headers.values():
-        logs.register_secret(value)
-    for name, db in settings.databases.items():
-        nodes = [db.primary, *db.replicas] + [
-            n for s in db.shards for n in (s.primary, *s.replicas)
-        ]
-        # The template every node found in Consul's catalog or a Patroni cluster connects
-        # with: its password is as secret as a listed node's.
-        nodes += [
-            found.node
-            for holder in (db, *db.shards)
-            for found in (holder.service, holder.patroni)
-            if found is not None
-        ]
-        for node in nodes:
-            if node is not None:
-                with contextlib.suppress(ConfigError):
-                    logs.register_secret(node.resolved_password(f"databases.{name}"))
-                if node.dsn:
-                    logs.register_secret(urlsplit(node.dsn).password)
+    for secret in settings.secrets():
+        logs.register_secret(secret)
 
 
 class ConfigManager:

@@ -351,6 +351,32 @@ class Settings(_Section):
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
     tracing: TracingSettings = msgspec.field(default_factory=TracingSettings)
 
+    def secrets(self) -> set[str]:
+        """Every secret these settings hold or point to, for masking in logs and answers:
+        the token, exporters' headers, and each node's password (listed nodes, and the
+        template nodes found in Consul or a Patroni cluster connect with), wherever it
+        comes from: the document, an environment variable or a DSN."""
+        found = {self.auth_token, os.environ.get("CONSUL_HTTP_TOKEN")}
+        found |= set(self.tracing.headers.values())
+        for db in self.databases.values():
+            nodes = [db.primary, *db.replicas]
+            nodes += [n for s in db.shards for n in (s.primary, *s.replicas)]
+            nodes += [
+                discovered.node
+                for holder in (db, *db.shards)
+                for discovered in (holder.service, holder.patroni)
+                if discovered is not None
+            ]
+            for node in nodes:
+                if node is None:
+                    continue
+                found.add(node.password)
+                if node.password_env is not None:
+                    found.add(os.environ.get(node.password_env))
+                if node.dsn:
+                    found.add(urlsplit(node.dsn).password)
+        return {secret for secret in found if secret}
+
 
 def _seed_shape(name: str, entry: Any) -> Any:
     """Accept the seed design's ``driver``/``write``/``read`` database entries."""

@@ -600,3 +600,23 @@ def test_env_document_errors_name_the_variable_and_position_never_the_text() -> 
     message = str(raised.value)
     assert message.startswith("DBSIDECAR_DATABASES: not valid YAML: line 1, column")
     assert_no_secret(message)
+
+
+def test_secrets_are_every_password_token_and_header_wherever_they_come_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the sidecar, `dbsidecar migrate` and `dbsidecar relay` mask in their logs."""
+    monkeypatch.setenv("ORDERS_PW", "from-the-environment")
+    settings = load(tmp_path, {
+        "auth_token": "the-data-token",
+        "tracing": {"otlp_endpoint": "http://c:4318/v1/traces", "headers": {"k": "export-key"}},
+        "databases": {
+            "orders": {"primary": {"password_env": "ORDERS_PW"},
+                       "replicas": [{"dsn": "postgresql://u:in-a-dsn@h:5432/orders"}]},
+            "billing": {"patroni": {"scope": "b", "rest": ["http://p:8008"],
+                                    "node": {"password": "patroni-template"}}},
+        },
+    })  # fmt: skip
+    assert settings.secrets() == {
+        "the-data-token", "export-key", "from-the-environment", "in-a-dsn", "patroni-template"
+    }  # fmt: skip

@@ -168,22 +168,28 @@ async def test_the_sidecar_continues_the_apps_trace_without_values(
         assert marker not in text and key not in text
 
 
-async def test_an_untraced_call_starts_no_trace_of_the_apps(
+async def test_without_enable_the_apps_trace_is_not_sent(
     traced: SidecarProcess, receiver: Receiver
 ) -> None:
-    """Without client.tracing.enable() nothing is sent: the sidecar's spans make a trace
-    of their own (sampled at its ratio), whatever the app does."""
+    """Inside an app's span but without client.tracing.enable(), nothing is sent: the
+    sidecar's spans make a trace of their own (sampled at its ratio)."""
+    provider = TracerProvider()
     transport = Transport(traced.url, mode="http")
     db = DatabaseHandle("traced", transport=transport, database="orders")
     try:
-        await db.run(Raw(database="orders", sql="SELECT 1", writes=False))
+        with provider.get_tracer("shop").start_as_current_span("checkout") as app_span:
+            await db.run(Raw(database="orders", sql="SELECT 1", writes=False))
     finally:
         await transport.close()
+        provider.shutdown()
+    app_trace = f"{app_span.get_span_context().trace_id:032x}"
 
     async def exported() -> bool:
-        return any(s.name == "dbsidecar /v1/query" and not s.parent for s in receiver.spans)
+        return any(s.name == "dbsidecar /v1/query" for s in receiver.spans)
 
-    await eventually(exported, 10, "a root span of the sidecar's own")
+    await eventually(exported, 10, "the sidecar's request span")
+    requests = [s for s in receiver.spans if s.name == "dbsidecar /v1/query"]
+    assert requests and all(not s.parent and s.trace_id != app_trace for s in requests)
 
 
 def test_off_by_default_nothing_of_opentelemetry_is_loaded() -> None:
