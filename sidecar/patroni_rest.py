@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .registry import OnCatalog
+from .registry import OnCatalog, all_seen, cancel_all
 from .settings import PatroniSettings
 from .topology import CatalogNode
 
@@ -79,21 +79,10 @@ class PatroniRest:
 
     async def seen(self, within: float) -> bool:
         """Wait until every cluster answered once; False if that took too long."""
-        events = [e.wait() for e in self._seen.values()]
-        if not events:
-            return True
-        try:
-            await asyncio.wait_for(asyncio.gather(*events), within)
-        except TimeoutError:
-            return False
-        return True
+        return await all_seen(self._seen.values(), within)
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         if self._session is not None:
             with contextlib.suppress(Exception):
                 await self._session.close()

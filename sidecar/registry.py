@@ -10,7 +10,7 @@ members. The configuration manager validates and applies; the registry only repo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 from .topology import CatalogNode
@@ -41,3 +41,24 @@ class Registry(Protocol):
 
     async def stop(self) -> None:
         """Stop every watch and close the connections."""
+
+
+async def all_seen(events: Iterable[asyncio.Event], within: float) -> bool:
+    """Wait until every watch has had its first answer; False if that took too long."""
+    waits = [e.wait() for e in events]
+    if not waits:
+        return True
+    try:
+        await asyncio.wait_for(asyncio.gather(*waits), within)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def cancel_all(tasks: dict[str, asyncio.Task[None]]) -> None:
+    """Cancel every watch task, wait for them to end and forget them."""
+    running = list(tasks.values())
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+    tasks.clear()

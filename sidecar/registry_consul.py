@@ -24,7 +24,7 @@ import consul
 import consul.aio
 
 from . import logs
-from .registry import OnCatalog, OnDocument
+from .registry import OnCatalog, OnDocument, all_seen, cancel_all
 from .settings import ConfigError, ConsulSettings
 from .topology import CatalogNode
 
@@ -103,21 +103,10 @@ class ConsulRegistry:
 
     async def services_seen(self, within: float) -> bool:
         """Wait until every watched service was read once; False if that took too long."""
-        events = [e.wait() for e in self._services_seen.values()]
-        if not events:
-            return True
-        try:
-            await asyncio.wait_for(asyncio.gather(*events), within)
-        except TimeoutError:
-            return False
-        return True
+        return await all_seen(self._services_seen.values(), within)
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         with contextlib.suppress(Exception):
             await self._client.close()
 

@@ -28,7 +28,7 @@ import aetcd.rpc
 import grpc
 
 from . import logs, patroni
-from .registry import OnCatalog, OnDocument
+from .registry import OnCatalog, OnDocument, all_seen, cancel_all
 from .settings import ConfigError, EtcdSettings
 from .topology import CatalogNode
 
@@ -167,14 +167,7 @@ class EtcdRegistry:
             del self._clusters_seen[name]
 
     async def services_seen(self, within: float) -> bool:
-        events = [e.wait() for e in self._clusters_seen.values()]
-        if not events:
-            return True
-        try:
-            await asyncio.wait_for(asyncio.gather(*events), within)
-        except TimeoutError:
-            return False
-        return True
+        return await all_seen(self._clusters_seen.values(), within)
 
     def _cluster(self, name: str) -> OnKeys:
         seen = self._clusters_seen[name]
@@ -193,11 +186,7 @@ class EtcdRegistry:
         return on_keys
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
+        await cancel_all(self._tasks)
 
     async def _document(self, keys: dict[bytes, bytes]) -> None:
         await self.on_document(keys.get(self.key.encode()))
