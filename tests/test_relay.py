@@ -28,9 +28,9 @@ from devstack.postgres import LocalTopology
 from devstack.sidecar_process import REPO
 
 from .conftest import server_dsn
-from .harness import SidecarProcess, eventually, free_port
+from .harness import SidecarProcess, eventually
 from .nats_server import NatsServer
-from .relay_process import Relay
+from .relay_process import Relay, append_all, outbox_size, scratch_database, sidecar_for
 
 pytestmark = pytest.mark.slow
 
@@ -46,41 +46,16 @@ class Events(EventStore):
 
 @pytest.fixture(scope="module")
 def relay_db(topology: LocalTopology) -> Iterator[str]:
-    name = f"relay_{uuid.uuid4().hex[:8]}"
-
-    async def sql(statement: str) -> None:
-        conn = await asyncpg.connect(server_dsn(topology, topology.primary, "orders"))
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(sql(f'CREATE DATABASE "{name}"'))
-    try:
+    with scratch_database(topology, "relay") as name:
         yield name
-    finally:
-        asyncio.run(sql(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="module")
 def relay_sidecar(
     topology: LocalTopology, relay_db: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SidecarProcess]:
-    workdir = tmp_path_factory.mktemp("relay")
-    server = topology.primary
-    node = {"name": f"{server.name}/{relay_db}", "host": "127.0.0.1", "port": server.port,
-            "database": relay_db, "user": topology.user, "password": topology.password}  # fmt: skip
-    config = {
-        "listen": {"host": "127.0.0.1", "port": free_port()},
-        "ops": {"host": "127.0.0.1", "port": free_port()},
-        "databases": {"relay": {"primary": node}},
-    }
-    proc = SidecarProcess(config, workdir, "relay-sidecar")
-    proc.start()
-    try:
+    with sidecar_for(topology, relay_db, "relay", tmp_path_factory.mktemp("relay")) as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 @pytest.fixture
@@ -113,15 +88,6 @@ def relays(relay_sidecar: SidecarProcess, tmp_path: Path) -> Iterator[list[Relay
     for relay in started:
         if relay.proc.poll() is None:
             relay.kill()
-
-
-async def outbox_size(topology: LocalTopology, database: str) -> int:
-    conn = await asyncpg.connect(server_dsn(topology, topology.primary, database))
-    try:
-        exists = await conn.fetchval("SELECT to_regclass('dbsidecar_outbox') IS NOT NULL")
-        return await conn.fetchval("SELECT count(*) FROM dbsidecar_outbox") if exists else 0
-    finally:
-        await conn.close()
 
 
 async def relay_sessions(topology: LocalTopology) -> int:
@@ -172,27 +138,14 @@ def check_delivery(
     assert per_stream == written
 
 
-async def append_all(category: str, streams: int, events: int, chunk: int) -> dict[str, list[int]]:
-    """``events`` events in each of ``streams`` streams, ``chunk`` per append, the streams
-    concurrently; the order each stream's events were appended in."""
-    written: dict[str, list[int]] = {}
-
-    async def one(stream: str) -> None:
-        for start in range(0, events, chunk):
-            batch = [EventData("Counted", {"n": n}) for n in range(start, start + chunk)]
-            await Events.append(stream, batch)
-        written[stream] = list(range(events))
-
-    await asyncio.gather(*(one(f"{category}-{i}") for i in range(streams)))
-    return written
-
-
 @pytest.mark.usefixtures("handle")
 async def test_kill_9_mid_batch_loses_nothing_and_redeliveries_are_dropped(
     topology: LocalTopology, relay_sidecar: SidecarProcess, relay_db: str, broker: NatsServer,
     relays: list[Relay], tmp_path: Path,
 ) -> None:  # fmt: skip
-    written = await append_all("kill" + uuid.uuid4().hex[:6], streams=20, events=150, chunk=10)
+    written = await append_all(
+        Events, "kill" + uuid.uuid4().hex[:6], streams=20, events=150, chunk=10
+    )
     total = 3000
     # Kill the relay while JetStream holds part of a batch (a count that is no multiple of
     # the batch size): the relay has published those messages and not deleted them yet,

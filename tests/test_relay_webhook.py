@@ -35,8 +35,8 @@ from devstack.postgres import LocalTopology
 from devstack.sidecar_process import REPO
 
 from .conftest import server_dsn
-from .harness import SECRETS, SidecarProcess, eventually, free_port
-from .relay_process import Relay
+from .harness import SECRETS, SidecarProcess, eventually
+from .relay_process import Relay, append_all, outbox_size, scratch_database, sidecar_for
 
 pytestmark = pytest.mark.slow
 
@@ -111,41 +111,16 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 def hook_db(topology: LocalTopology) -> Iterator[str]:
-    name = f"hook_{uuid.uuid4().hex[:8]}"
-
-    async def sql(statement: str) -> None:
-        conn = await asyncpg.connect(server_dsn(topology, topology.primary, "orders"))
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(sql(f'CREATE DATABASE "{name}"'))
-    try:
+    with scratch_database(topology, "hook") as name:
         yield name
-    finally:
-        asyncio.run(sql(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="module")
 def hook_sidecar(
     topology: LocalTopology, hook_db: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SidecarProcess]:
-    workdir = tmp_path_factory.mktemp("webhook")
-    server = topology.primary
-    node = {"name": f"{server.name}/{hook_db}", "host": "127.0.0.1", "port": server.port,
-            "database": hook_db, "user": topology.user, "password": topology.password}  # fmt: skip
-    config = {
-        "listen": {"host": "127.0.0.1", "port": free_port()},
-        "ops": {"host": "127.0.0.1", "port": free_port()},
-        "databases": {"webhook": {"primary": node}},
-    }
-    proc = SidecarProcess(config, workdir, "webhook-sidecar")
-    proc.start()
-    try:
+    with sidecar_for(topology, hook_db, "webhook", tmp_path_factory.mktemp("webhook")) as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 @pytest.fixture
@@ -201,35 +176,11 @@ async def start_relay(
     return relay
 
 
-async def outbox_size(topology: LocalTopology, database: str) -> int:
-    conn = await asyncpg.connect(server_dsn(topology, topology.primary, database))
-    try:
-        exists = await conn.fetchval("SELECT to_regclass('dbsidecar_outbox') IS NOT NULL")
-        return await conn.fetchval("SELECT count(*) FROM dbsidecar_outbox") if exists else 0
-    finally:
-        await conn.close()
-
-
 async def drained(topology: LocalTopology, database: str) -> None:
     async def empty() -> bool:
         return await outbox_size(topology, database) == 0
 
     await eventually(empty, 30, "the outbox to drain")
-
-
-async def append_all(category: str, streams: int, events: int, chunk: int) -> dict[str, list[int]]:
-    """``events`` events in each of ``streams`` streams, ``chunk`` per append, the streams
-    concurrently; the order each stream's events were appended in."""
-    written: dict[str, list[int]] = {}
-
-    async def one(stream: str) -> None:
-        for start in range(0, events, chunk):
-            batch = [EventData("Counted", {"n": n}) for n in range(start, start + chunk)]
-            await Events.append(stream, batch)
-        written[stream] = list(range(events))
-
-    await asyncio.gather(*(one(f"{category}-{i}") for i in range(streams)))
-    return written
 
 
 def check_order(requests: list[Request], written: dict[str, list[int]]) -> None:
@@ -267,7 +218,7 @@ async def test_messages_arrive_once_each_in_order_per_aggregate(
 ) -> None:  # fmt: skip
     relay = await start_relay(relays, hook_sidecar, receiver, tmp_path)
     category = "once" + uuid.uuid4().hex[:6]
-    written = await append_all(category, streams=8, events=25, chunk=5)
+    written = await append_all(Events, category, streams=8, events=25, chunk=5)
     # A message whose headers are partly no HTTP header values (the sidecar refuses bad
     # names and line breaks, not every byte), or ones the relay sets itself: those
     # travel in the body only.
@@ -309,7 +260,7 @@ async def test_a_failing_receiver_loses_nothing_and_the_lag_rises_and_falls(
 
     receiver.answer = unavailable_until_recovered
     # Appended before the relay starts, so every failure is the oldest message's.
-    written = await append_all("down" + uuid.uuid4().hex[:6], streams=5, events=20, chunk=4)
+    written = await append_all(Events, "down" + uuid.uuid4().hex[:6], streams=5, events=20, chunk=4)
     relay = await start_relay(relays, hook_sidecar, receiver, tmp_path)
     await eventually(
         lambda: _true(len(receiver.requests) >= 5 and relay.metric(LAG) >= 1), 20,
@@ -336,7 +287,7 @@ async def test_kill_9_mid_batch_redelivers_with_the_same_idempotency_keys(
     topology: LocalTopology, hook_sidecar: SidecarProcess, hook_db: str, receiver: Receiver,
     relays: list[Relay], tmp_path: Path,
 ) -> None:  # fmt: skip
-    written = await append_all("kill" + uuid.uuid4().hex[:6], streams=8, events=25, chunk=5)
+    written = await append_all(Events, "kill" + uuid.uuid4().hex[:6], streams=8, events=25, chunk=5)
     total = 200
     # The 26th request of the second batch is held unanswered: the relay has its 25
     # predecessors acknowledged and not yet deleted (a batch is deleted at its end).
@@ -386,7 +337,7 @@ async def test_the_authorization_header_is_sent_and_never_logged(
         return 400 if request.number < 2 else 200
 
     receiver.answer = refuse_twice
-    await append_all("auth" + uuid.uuid4().hex[:6], streams=2, events=5, chunk=5)
+    await append_all(Events, "auth" + uuid.uuid4().hex[:6], streams=2, events=5, chunk=5)
     options = ["--webhook-header", authorization, "--log-level", "debug"]
     relay = await start_relay(relays, hook_sidecar, receiver, tmp_path, *options)
     await drained(topology, hook_db)
@@ -422,7 +373,7 @@ async def test_headers_from_the_environment_stay_off_the_command_line(
     token = uuid.uuid4().hex
     SECRETS.add(token)
     env = {"DBSIDECAR_RELAY_WEBHOOK_HEADERS": f"Authorization: Bearer {token}\nX-Tenant: shop\n"}
-    await append_all("env" + uuid.uuid4().hex[:6], streams=1, events=3, chunk=3)
+    await append_all(Events, "env" + uuid.uuid4().hex[:6], streams=1, events=3, chunk=3)
     relay = await start_relay(relays, hook_sidecar, receiver, tmp_path, env=env)
     await drained(topology, hook_db)
     cmdline = await asyncio.to_thread(Path(f"/proc/{relay.proc.pid}/cmdline").read_bytes)

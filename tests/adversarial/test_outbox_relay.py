@@ -29,8 +29,8 @@ from devstack.postgres import LocalTopology
 from ..conftest import server_dsn
 from ..harness import SidecarProcess, eventually
 from ..nats_server import NatsServer
-from ..relay_process import Relay
-from ..test_relay import broker, outbox_size, relay_db, relay_sidecar, relays  # noqa: F401
+from ..relay_process import Relay, outbox_size
+from ..test_relay import broker, relay_db, relay_sidecar, relays  # noqa: F401
 from .attack import query
 
 # An "any" aggregate and a subject the fixture's stream (relay.>) takes.
