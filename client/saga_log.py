@@ -25,8 +25,9 @@ from typing import Any, Literal
 from wire.protocol import ALL_SHARDS, Raw, Route
 from wire.values import Json, encode_value
 
+from . import tables
 from .connection import DatabaseHandle
-from .errors import DbSidecarError, PartialWrite, UniqueViolation
+from .errors import DbSidecarError
 from .results import Rows, decode
 from .transactions import Transaction
 
@@ -137,38 +138,14 @@ async def _raw(
     return decode(await db.run(plan))
 
 
-async def _create_table(db: DatabaseHandle, sql: str, shard: str | None = None) -> None:
-    for attempt in range(_CREATE_ATTEMPTS):
-        try:
-            await _raw(db, sql, writes=True, shard=shard)
-            return
-        except DbSidecarError as exc:
-            # Pods installing at once: IF NOT EXISTS checks before creating, so a slower
-            # creator collides in the catalog, as a unique violation (pg_type's index,
-            # waited on until the other committed) or as "already exists" (42P07, the
-            # other committed between the check and the insert; 42710 "type ... already
-            # exists" when that happened between the check and the table's row type).
-            # Once the other has committed, the next try finds the table. On every shard
-            # of a sharded database, a collision on some shards arrives inside a
-            # PartialWrite (the others created it or had it).
-            collided = isinstance(exc, UniqueViolation | PartialWrite) or exc.sqlstate in (
-                "42P07", "42710"
-            )  # fmt: skip
-            if not collided or attempt == _CREATE_ATTEMPTS - 1:
-                raise
-
-
-_CREATE_ATTEMPTS = 3
-
-
 async def install_log(db: DatabaseHandle) -> None:
-    await _create_table(db, _CREATE_LOG)
-    await _create_table(db, _CREATE_LOG_INDEX)
+    await tables.create(db, _CREATE_LOG)
+    await tables.create(db, _CREATE_LOG_INDEX)
 
 
 async def install_ledger(db: DatabaseHandle, sharded: bool) -> None:
     """The ledger in ``db`` (on every shard of a sharded database)."""
-    await _create_table(db, _CREATE_LEDGER, shard=ALL_SHARDS if sharded else None)
+    await tables.create(db, _CREATE_LEDGER, shard=ALL_SHARDS if sharded else None)
 
 
 async def create(

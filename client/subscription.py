@@ -35,8 +35,8 @@ import msgspec
 from wire.protocol import ALL_SHARDS, Raw, Route
 from wire.values import encode_value
 
+from . import tables
 from .connection import ConnectionManager, DatabaseHandle
-from .errors import DbSidecarError, PartialWrite, UniqueViolation
 from .eventstore import Checkpoint, EventStore, RecordedEvent
 from .results import decode
 from .transactions import Transaction
@@ -65,8 +65,6 @@ _ADVANCE = (
     "ON CONFLICT (subscription, shard) DO UPDATE SET position = excluded.position "
     "WHERE dbsidecar_subscriptions.position = $4 RETURNING position"
 )
-
-_CREATE_ATTEMPTS = 3
 
 
 class _Overtaken(Exception):
@@ -103,24 +101,9 @@ class Subscription:
     async def load(self) -> Checkpoint:
         """The stored checkpoint (creating the table on every shard the first time)."""
         db = self._db()
-        everywhere = Route(shard=ALL_SHARDS)
-        create = Raw(database=db.database, sql=_TABLE, writes=True, route=everywhere)
-        for attempt in range(_CREATE_ATTEMPTS):
-            try:
-                await db.run(create)
-                break
-            except DbSidecarError as exc:
-                # Runs starting at once (pods of one Deployment): IF NOT EXISTS checks
-                # before it creates, so a slower creator collides in the catalog (a unique
-                # violation on pg_type, 42P07 or 42710; on shards, inside a PartialWrite).
-                # Once the other committed, the next try finds the table.
-                collided = isinstance(exc, UniqueViolation | PartialWrite) or exc.sqlstate in (
-                    "42P07", "42710"
-                )  # fmt: skip
-                if not collided or attempt == _CREATE_ATTEMPTS - 1:
-                    raise
+        await tables.create(db, _TABLE, shard=ALL_SHARDS)
         load = Raw(database=db.database, sql=_LOAD, params=[self.name], writes=False,
-                   route=everywhere)  # fmt: skip
+                   route=Route(shard=ALL_SHARDS))  # fmt: skip
         rows = decode(await db.run(load))
         self.checkpoint = Checkpoint({r["shard"]: r["position"] for r in rows})
         return self.checkpoint
