@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from aiohttp import web
@@ -218,3 +219,26 @@ def test_a_bad_tracing_setting_is_named_and_its_secret_not_echoed(tmp_path: Path
     )  # fmt: skip
     assert done.returncode == 2 and "tracing" in done.stderr and "sample_ratio" in done.stderr
     assert "hush-hush-key" not in done.stderr + done.stdout
+
+
+async def test_a_malformed_trace_context_is_ignored_not_refused(
+    traced: SidecarProcess, receiver: Receiver
+) -> None:
+    """A hostile or broken traceparent/tracestate starts a trace of the sidecar's own; the
+    plan runs as it would without them."""
+    plan = {"op": "raw", "database": "orders", "sql": "SELECT 1", "writes": False}
+    bad = [
+        {"traceparent": "00-not-a-trace-01"},
+        {"traceparent": "ff" * 40, "tracestate": "x" * 4000},
+        {"traceparent": "00-" + "0" * 32 + "-" + "0" * 16 + "-01"},  # all-zero ids: invalid
+    ]
+    async with aiohttp.ClientSession() as http:
+        for headers in bad:
+            async with http.post(traced.url + "/v1/query", json=plan, headers=headers) as resp:
+                assert resp.status == 200, await resp.text()
+
+    async def exported() -> bool:
+        return len([s for s in receiver.spans if s.name == "dbsidecar /v1/query"]) >= len(bad)
+
+    await eventually(exported, 10, "the sidecar's request spans")
+    assert all(not s.parent for s in receiver.spans if s.name == "dbsidecar /v1/query")
